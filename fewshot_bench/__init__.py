@@ -1,0 +1,3 @@
+"""fewshot-bench: episodic few-shot and semi-supervised benchmarking around label propagation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The in-memory form every loader returns, and where loaders look for files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewshot_bench.errors import DataNotFoundError, InputDataError
+
+DATA_ENV = "FSBENCH_DATA"
+CACHE_ENV = "FSBENCH_CACHE"
+
+
+@dataclass
+class LabeledData:
+    """One split of a dataset: images *or* features, integer labels and class names.
+
+    ``images`` is a uint8 tensor ``[N, C, H, W]``; ``features`` a float32 tensor ``[N, D]``.
+    Exactly one of the two is set. ``labels[i]`` indexes ``class_names``. ``item_ids`` are
+    stable per-item keys (usually relative file paths) used to import external episodes.
+    """
+
+    name: str
+    split: str
+    labels: np.ndarray
+    class_names: list[str]
+    images: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    item_ids: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.features is None):
+            raise ValueError("LabeledData needs exactly one of images or features")
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.labels)
+        data = self.images if self.images is not None else self.features
+        if data.shape[0] != n:
+            raise InputDataError(
+                f"{self.name}/{self.split}: {data.shape[0]} items but {n} labels; "
+                "the data files are mismatched or truncated"
+            )
+        if self.images is not None and (self.images.dtype != torch.uint8 or self.images.ndim != 4):
+            raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+        if self.features is not None:
+            if self.features.ndim != 2:
+                raise InputDataError(f"{self.name}: features must be 2-D [N, D], got {tuple(self.features.shape)}")
+            if not torch.isfinite(self.features).all():
+                bad = (~torch.isfinite(self.features)).any(dim=1).nonzero().flatten()[:5].tolist()
+                raise InputDataError(
+                    f"{self.name}/{self.split}: features contain NaN or inf (first bad rows {bad}); "
+                    "recompute the features or drop those rows"
+                )
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise InputDataError(
+                f"{self.name}/{self.split}: labels outside 0..{len(self.class_names) - 1}"
+            )
+        if self.item_ids is not None and len(self.item_ids) != n:
+            raise ValueError("item_ids must have one entry per item")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def kind(self) -> str:
+        """``"images"`` or ``"features"``."""
+        return "images" if self.images is not None else "features"
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The images or the features, whichever this split holds."""
+        return self.images if self.images is not None else self.features
+
+    def fingerprint(self) -> str:
+        """SHA-256 over class names, labels and pixel/feature bytes: changes when any of them does."""
+        if "fingerprint" not in self.meta:
+            h = hashlib.sha256()
+            h.update(f"{self.name}|{self.split}|{self.kind}|{tuple(self.data.shape)}".encode())
+            h.update("\n".join(self.class_names).encode())
+            h.update(self.labels.tobytes())
+            h.update(self.data.contiguous().numpy().tobytes())
+            self.meta["fingerprint"] = h.hexdigest()
+        return self.meta["fingerprint"]
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.n_classes)
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: ``root`` if given, else ``$FSBENCH_DATA``, else ``~/.cache/fewshot-bench/data``."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fewshot-bench" / "data"
+
+
+def cache_root() -> Path:
+    """Where decoded arrays, features and trained states are cached (``$FSBENCH_CACHE``)."""
+    env = os.environ.get(CACHE_ENV)
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "fewshot-bench" / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def require_path(path: Path, dataset: str, how_to_get: str) -> Path:
+    """Return ``path`` if it exists, else raise an error naming the exact path and how to get the data."""
+    if not path.exists():
+        raise DataNotFoundError(
+            f"{dataset}: expected data at {path}, which does not exist.\n"
+            f"  How to get it: {how_to_get}\n"
+            f"  Or point --data-root / ${DATA_ENV} at a folder that holds it."
+        )
+    return path
