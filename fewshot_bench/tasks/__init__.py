@@ -1,0 +1,5 @@
+"""Tasks, episode samplers, semi-supervised splits, protocols and frozen manifests."""
+
+from fewshot_bench.tasks.task import Task, TaskIndices, TaskTruth, build_task
+
+__all__ = ["Task", "TaskIndices", "TaskTruth", "build_task"]

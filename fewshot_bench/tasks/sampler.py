@@ -1,0 +1,190 @@
+"""Draw tasks from a pool: N-way K-shot episodes (with Ren et al. unlabeled/distractor pools)
+and balanced semi-supervised splits. Every task is seeded by (seed, task index) alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from fewshot_bench.errors import ProtocolError
+from fewshot_bench.tasks.protocol import Pool, Protocol
+from fewshot_bench.tasks.task import TaskIndices
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def task_rng(seed: int, task_index: int, stream: int = 0) -> np.random.Generator:
+    """The generator for one task: depends only on its numbers, not on process or order."""
+    return np.random.default_rng(np.random.SeedSequence([seed, task_index, stream]))
+
+
+def class_members(labels: np.ndarray, n_classes: int) -> list[np.ndarray]:
+    """Item indices of each class, in ascending order."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(n_classes + 1))
+    return [order[bounds[c] : bounds[c + 1]] for c in range(n_classes)]
+
+
+class EpisodeSampler:
+    """N-way K-shot episodes with M unlabeled per class and D distractor classes (Ren et al. 2018).
+
+    With ``labeled_fraction < 1`` each class's items are split once (by ``split_seed``) into a
+    labeled part, from which support and query are drawn, and an unlabeled part, from which the
+    unlabeled examples of episode and distractor classes are drawn. With ``labeled_fraction == 1``
+    support, query and unlabeled are drawn disjointly from all of a class's items.
+    """
+
+    def __init__(
+        self, labels: np.ndarray, n_classes: int, params: dict, *, name: str = "protocol"
+    ) -> None:
+        self.p = dict(params)
+        self.name = name
+        members = [m for m in class_members(np.asarray(labels), n_classes)]
+        frac = self.p["labeled_fraction"]
+        if frac < 1.0:
+            split_rng = np.random.default_rng(np.random.SeedSequence([self.p["split_seed"], 7919]))
+            self.labeled, self.unlabeled = [], []
+            for m in members:
+                perm = split_rng.permutation(m)
+                cut = int(round(frac * len(m)))
+                self.labeled.append(np.sort(perm[:cut]))
+                self.unlabeled.append(np.sort(perm[cut:]))
+        else:
+            self.labeled, self.unlabeled = members, None
+        self.classes = np.array([c for c, m in enumerate(members) if len(m) > 0], dtype=np.int64)
+        self._validate()
+
+    def _validate(self) -> None:
+        p, name = self.p, self.name
+        n_avail = len(self.classes)
+        need = p["n_way"] + p["n_distractor"]
+        if need > n_avail:
+            raise ProtocolError(
+                f"{name}: needs n_way + n_distractor = {p['n_way']} + {p['n_distractor']} = {need} "
+                f"classes but the pool has {n_avail}; lower n_way/n_distractor or use a bigger split"
+            )
+        lab = min(len(self.labeled[c]) for c in self.classes)
+        kq = p["k_shot"] + p["n_query"]
+        if self.unlabeled is None:
+            total = kq + p["n_unlabeled"]
+            if total > lab:
+                raise ProtocolError(
+                    f"{name}: k_shot + n_query + n_unlabeled = {p['k_shot']} + {p['n_query']} + "
+                    f"{p['n_unlabeled']} = {total} images per class, but the smallest class has {lab}; "
+                    "lower them"
+                )
+        else:
+            if kq > lab:
+                raise ProtocolError(
+                    f"{name}: k_shot + n_query = {kq} but the labeled part (labeled_fraction="
+                    f"{p['labeled_fraction']}) of the smallest class has {lab} images; "
+                    "raise labeled_fraction or lower k_shot/n_query"
+                )
+            unl = min(len(self.unlabeled[c]) for c in self.classes)
+            if p["n_unlabeled"] > unl:
+                raise ProtocolError(
+                    f"{name}: n_unlabeled = {p['n_unlabeled']} but the unlabeled part of the smallest "
+                    f"class has {unl} images; lower n_unlabeled or labeled_fraction"
+                )
+
+    def sample(self, seed: int, task_index: int) -> TaskIndices:
+        """Episode ``task_index`` of seed ``seed``."""
+        p = self.p
+        rng = task_rng(seed, task_index)
+        n_way, k, q, m = p["n_way"], p["k_shot"], p["n_query"], p["n_unlabeled"]
+        chosen = rng.choice(self.classes, size=n_way + p["n_distractor"], replace=False)
+        episode, distractors = chosen[:n_way], chosen[n_way:]
+        sup, qry, unl, unl_lab = [], [], [], []
+        for j, c in enumerate(episode):
+            items = rng.permutation(self.labeled[c])
+            sup.append(items[:k])
+            qry.append(items[k : k + q])
+            if m:
+                pool = (
+                    items[k + q :] if self.unlabeled is None else rng.permutation(self.unlabeled[c])
+                )
+                unl.append(pool[:m])
+                unl_lab.append(np.full(m, j, dtype=np.int64))
+        if m:
+            for c in distractors:
+                pool = self.labeled[c] if self.unlabeled is None else self.unlabeled[c]
+                unl.append(rng.choice(pool, size=m, replace=False))
+                unl_lab.append(np.full(m, -1, dtype=np.int64))
+        labels = np.arange(n_way, dtype=np.int64)
+        unlabeled = np.concatenate(unl) if unl else _EMPTY
+        unlabeled_labels = np.concatenate(unl_lab) if unl_lab else _EMPTY
+        if len(unlabeled):
+            shuffle = rng.permutation(len(unlabeled))
+            unlabeled, unlabeled_labels = unlabeled[shuffle], unlabeled_labels[shuffle]
+        return TaskIndices(
+            support=np.concatenate(sup).astype(np.int64),
+            support_labels=np.repeat(labels, k),
+            unlabeled=unlabeled.astype(np.int64),
+            unlabeled_labels=unlabeled_labels,
+            query=np.concatenate(qry).astype(np.int64),
+            query_labels=np.repeat(labels, q),
+            classes=episode.astype(np.int64),
+        )
+
+
+def ssl_split(pool: Pool, params: dict, seed: int, *, name: str = "protocol") -> TaskIndices:
+    """One semi-supervised task: balanced labels from the labeled split, the rest unlabeled,
+    the query split as query. ``n_labels`` not divisible by the class count gives the first
+    ``n_labels % C`` classes (in a seeded order) one extra label."""
+    data = pool.data
+    lab_idx = pool.indices_of_split(params["labeled_split"])
+    qry_idx = pool.indices_of_split(params["query_split"])
+    labels = data.labels
+    present = np.unique(labels[lab_idx])
+    n_classes = data.n_classes
+    if len(present) != n_classes:
+        raise ProtocolError(
+            f"{name}: the labeled split lacks classes {sorted(set(range(n_classes)) - set(present))}"
+        )
+    if "n_labels" in params:
+        n_labels = params["n_labels"]
+    else:
+        n_labels = int(round(params["label_fraction"] * len(lab_idx)))
+    if n_labels < n_classes:
+        raise ProtocolError(
+            f"{name}: {n_labels} labels cannot cover {n_classes} classes; use >= {n_classes}"
+        )
+    rng = task_rng(seed, 0)
+    per_class = np.full(n_classes, n_labels // n_classes)
+    per_class[rng.permutation(n_classes)[: n_labels % n_classes]] += 1
+    members = class_members(labels[lab_idx], n_classes)
+    smallest = min(len(mm) for mm in members)
+    if per_class.max() >= smallest:
+        raise ProtocolError(
+            f"{name}: {per_class.max()} labels per class leave no unlabeled data in a class of {smallest}; "
+            "use fewer labels"
+        )
+    chosen = np.concatenate(
+        [rng.choice(members[c], size=per_class[c], replace=False) for c in range(n_classes)]
+    )
+    chosen_global = lab_idx[np.sort(chosen)]
+    mask = np.ones(len(lab_idx), dtype=bool)
+    mask[np.searchsorted(lab_idx, chosen_global)] = False
+    unlabeled = lab_idx[mask]
+    return TaskIndices(
+        support=chosen_global,
+        support_labels=labels[chosen_global],
+        unlabeled=unlabeled,
+        unlabeled_labels=labels[unlabeled],
+        query=qry_idx,
+        query_labels=labels[qry_idx],
+        classes=np.arange(n_classes, dtype=np.int64),
+    )
+
+
+def iter_tasks(protocol: Protocol, pool: Pool, seed: int) -> Iterator[TaskIndices]:
+    """All tasks of ``protocol`` for one seed, in task-index order."""
+    if protocol.kind == "episodic":
+        sampler = EpisodeSampler(
+            pool.data.labels, pool.data.n_classes, protocol.params, name=protocol.name
+        )
+        for i in range(protocol.params["n_tasks"]):
+            yield sampler.sample(seed, i)
+    else:
+        yield ssl_split(pool, protocol.params, seed, name=protocol.name)
