@@ -1,0 +1,1 @@
+"""Runner, feature cache and the append-only results store."""

@@ -1,0 +1,280 @@
+"""Registry, runner, resume after kill -9, concurrent writers and the leakage guard, on real Omniglot."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot_bench.errors import FsbenchError, ProtocolError
+from fewshot_bench.methods import (
+    Method,
+    TaskContext,
+    available_methods,
+    get_method,
+    register_method,
+)
+from fewshot_bench.run.runner import run_protocol, score_task
+from fewshot_bench.run.store import ResultRow, ResultsStore, load_results
+from fewshot_bench.tasks.protocol import load_pool, load_protocol_file
+from fewshot_bench.tasks.task import Task, TaskTruth
+
+REPO = Path(__file__).resolve().parents[1]
+N_TASKS = 60
+
+
+def write_protocol(folder: Path, n_tasks: int = N_TASKS) -> Path:
+    path = folder / "omni-small.toml"
+    path.write_text(
+        textwrap.dedent(f"""
+        name = "omni-small"
+        [dataset]
+        name = "omniglot"
+        splits = ["test"]
+        image_size = 28
+        [episodes]
+        n_way = 5
+        k_shot = 1
+        n_query = 5
+        n_unlabeled = 2
+        n_distractor = 2
+        n_tasks = {n_tasks}
+        [run]
+        seeds = [0]
+    """)
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(shared_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("proto")
+    proto = load_protocol_file(write_protocol(folder))[0]
+    return proto, load_pool(proto, shared_data)
+
+
+def test_builtin_methods_registered():
+    methods = available_methods()
+    assert {"nearest-prototype", "logistic-regression"} <= set(methods)
+    assert methods["nearest-prototype"].setting == "inductive"
+    with pytest.raises(ProtocolError, match="unknown method"):
+        get_method("nope")
+    with pytest.raises(ProtocolError, match="no parameter"):
+        get_method("nearest-prototype")(colour="red")
+
+
+def test_register_method_validates():
+    with pytest.raises(TypeError):
+        register_method("x")(object)
+
+    class Bad(Method):
+        setting = "clairvoyant"
+
+    with pytest.raises(ValueError, match="setting"):
+        register_method("bad")(Bad)
+
+
+def test_run_and_resume_in_process(small, tmp_path):
+    proto, pool = small
+    methods = [get_method("nearest-prototype")(), get_method("logistic-regression")(max_iter=25)]
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        first = run_protocol(
+            proto, methods, store, workdir=tmp_path, pool=pool, max_tasks=20, progress=False
+        )
+        assert [s.ran for s in first] == [20, 20]
+        second = run_protocol(proto, methods, store, workdir=tmp_path, pool=pool, progress=False)
+        assert [(s.ran, s.skipped) for s in second] == [(N_TASKS - 20, 20)] * 2
+    df = load_results(tmp_path / "results.sqlite")
+    assert len(df) == 2 * N_TASKS
+    assert not df.duplicated(["method", "seed", "task_index"]).any()
+    proto_acc = df[df.method == "nearest-prototype"].accuracy.mean()
+    # pixels on Omniglot 5-way 1-shot: far above chance (20%), far below a learned metric
+    assert 0.35 < proto_acc < 0.9
+    assert set(df.setting) == {"inductive"} and set(df.device) == {"cpu"}
+
+
+def test_store_is_append_only(tmp_path):
+    row = ResultRow("p", "h", "m", "c", "inductive", "pixels", 0, 0, 0.5, None, 10, 0.1, "cpu", 1.0, "x", "{}", "t")
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        assert store.append([row, row]) == 1
+        assert store.append([row]) == 0
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            store.conn.execute("DELETE FROM results")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            store.conn.execute("UPDATE results SET accuracy = 1.0")
+        assert store.dataframe().accuracy.tolist() == [0.5]
+    (tmp_path / "junk.sqlite").write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(FsbenchError, match="not a readable SQLite"):
+        ResultsStore(tmp_path / "junk.sqlite")
+
+
+def test_score_task_rejects_bad_scores():
+    truth = TaskTruth(query_labels=np.array([0, 1]), unlabeled_labels=np.array([], dtype=np.int64))
+    assert score_task(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), truth, 2, "m", False)[0] == 1.0
+    with pytest.raises(FsbenchError, match="shape"):
+        score_task(torch.zeros(3, 2), truth, 2, "m", False)
+    with pytest.raises(FsbenchError, match="NaN"):
+        score_task(torch.tensor([[float("nan"), 1.0], [0.0, 1.0]]), truth, 2, "m", False)
+
+
+class Snoop(Method):
+    """Records everything it can reach from what the runner hands it."""
+
+    consumes = "features"
+    setting = "semi-supervised"
+    seen: list = []
+
+    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
+        Snoop.seen.append((task, ctx))
+        return torch.zeros(task.query.shape[0], task.n_way)
+
+
+def test_leakage_guard(small, tmp_path):
+    proto, pool = small
+    register_method("snoop")(Snoop)
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        run_protocol(
+            proto, [Snoop()], store, workdir=tmp_path, pool=pool, max_tasks=3, progress=False
+        )
+    task, ctx = Snoop.seen[0]
+    # the method receives a Task and a TaskContext and nothing that holds labels beyond the support
+    assert set(vars(task)) == {"support", "support_labels", "unlabeled", "query", "n_way", "kind"}
+    assert set(vars(ctx)) == {"device", "seed", "generator", "rng"}
+    assert task.support_labels.tolist() == [0, 1, 2, 3, 4]
+    assert task.unlabeled.shape[0] == 5 * 2 + 2 * 2
+    # the tensors are copies: no view into the pool through which other items could be reached
+    for t in (task.support, task.query, task.unlabeled):
+        assert t._base is None and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+SLOW_RUN = """
+import sys, time, torch
+from fewshot_bench.methods import register_method
+from fewshot_bench.methods.simple import NearestPrototype
+from fewshot_bench.cli import main
+
+@register_method("slow-prototype")
+class Slow(NearestPrototype):
+    def predict_batch(self, tasks, ctxs):
+        time.sleep(float(sys.argv[1]))
+        return super().predict_batch(tasks, ctxs)
+
+sys.exit(main(["run", sys.argv[2], "-m", "slow-prototype", "--workdir", sys.argv[3], "--data-root", sys.argv[4],
+               "--batch-size", "2", "--quiet"]))
+"""
+
+
+def _spawn(delay: float, proto: Path, workdir: Path, data: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_RUN, str(delay), str(proto), str(workdir), str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _rows(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db, timeout=30) as c:
+        try:
+            return c.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_resume_after_kill_9(shared_data, tmp_path):
+    proto = write_protocol(tmp_path)
+    db = tmp_path / "runs" / "results.sqlite"
+    proc = _spawn(0.05, proto, tmp_path / "runs", shared_data)
+    deadline = time.time() + 120
+    while _rows(db) < 10 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _rows(db)
+    assert 10 <= partial < N_TASKS, f"kill landed after {partial} rows"
+    rerun = _spawn(0.0, proto, tmp_path / "runs", shared_data)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert f"{N_TASKS - partial} run, {partial} already stored" in out
+    df = load_results(db)
+    assert len(df) == N_TASKS and sorted(df.task_index) == list(range(N_TASKS))
+    # the same numbers as an uninterrupted in-process run of the same method
+    reference_proto = load_protocol_file(proto)[0]
+    from fewshot_bench.methods.simple import NearestPrototype
+
+    with ResultsStore(tmp_path / "ref.sqlite") as store:
+        ref = run_protocol(
+            reference_proto,
+            [NearestPrototype()],
+            store,
+            workdir=tmp_path / "runs",
+            root=shared_data,
+            progress=False,
+        )[0]
+    assert np.allclose(df.sort_values("task_index").accuracy.to_numpy(), ref.accuracies)
+
+
+def test_concurrent_writers(shared_data, tmp_path):
+    proto = write_protocol(tmp_path)
+    procs = [_spawn(0.01, proto, tmp_path / "runs", shared_data) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    db = tmp_path / "runs" / "results.sqlite"
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    df = load_results(db)
+    assert len(df) == N_TASKS and not df.duplicated(["seed", "task_index"]).any()
+
+
+def test_entry_point_plugin(tmp_path):
+    """Install a third-party package into a temporary prefix; `fsbench methods` must list its method."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO / "tests" / "plugin_pkg"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "fewshot_bench", "methods"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "example-centroid" in out
+    code = (
+        "from fewshot_bench.methods import get_method; m = get_method('example-centroid')(scale=3.0); "
+        "print(m.name, m.params['scale'], m.consumes)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    assert out.split() == ["example-centroid", "3.0", "features"]
