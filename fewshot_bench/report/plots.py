@@ -1,0 +1,158 @@
+"""Accuracy-vs-labels plots with 95% CI bands, written as PNG without a display.
+
+Uses :class:`matplotlib.figure.Figure` with the Agg canvas directly (never ``pyplot``), so it
+works headless and does not touch the global backend.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator
+
+from fewshot_bench.report.stats import ReportError, aggregate, prepare
+
+_SEP = re.compile(r"[-_.]")
+# Trailing name parts that only say how many labels / shots / ways: "250", "5way", "1shot",
+# "5w1s", "n10", "40labels", "4000l", "10lpc".
+_COUNT_PART = re.compile(
+    r"^(?:[nk]?\d+(?:way|ways|shot|shots|w|s|l|lpc|label|labels|x|pc)?|\d+w\d+s)$", re.IGNORECASE
+)
+
+
+def protocol_family(protocol: str) -> str:
+    """The protocol name without trailing count parts: ``"cifar10-250"`` → ``"cifar10"``,
+    ``"miniimagenet-5way-1shot"`` → ``"miniimagenet"``, ``"imagenet-lowshot-n5"`` →
+    ``"imagenet-lowshot"``. A ``family`` column in the results, when present, takes precedence."""
+    parts = _SEP.split(protocol)
+    seps = _SEP.findall(protocol)
+    keep = len(parts)
+    while keep > 1 and _COUNT_PART.match(parts[keep - 1]):
+        keep -= 1
+    out = parts[0]
+    for sep, part in zip(seps[: keep - 1], parts[1:keep], strict=True):
+        out += sep + part
+    return out
+
+
+def families(df: pd.DataFrame) -> pd.Series:
+    """Family of every row: the ``family`` column when present and non-empty, else the heuristic."""
+    guessed = df["protocol"].astype(str).map(protocol_family)
+    if "family" in df.columns:
+        given = df["family"].fillna("").astype(str)
+        return given.where(given != "", guessed)
+    return guessed
+
+
+def _series_labels(keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
+    configs: dict[str, set[str]] = {}
+    settings = {s for _, _, s in keys}
+    for m, c, _ in keys:
+        configs.setdefault(m, set()).add(c)
+    labels = {}
+    for m, c, s in keys:
+        label = m
+        if len(configs[m]) > 1:
+            label += f" [{c[:8]}]"
+        if len(settings) > 1 and s:
+            label += f" ({s})"
+        labels[(m, c, s)] = label
+    return labels
+
+
+def curve_table(df: pd.DataFrame, x: str = "x_value") -> pd.DataFrame:
+    """The points behind :func:`plot_accuracy_curve`: one row per series and x value, with
+    ``accuracy`` and ``ci95`` in percent and the CI unit (``ci_over``)."""
+    df = prepare(df)
+    if x not in df.columns:
+        raise ReportError(f"results have no {x!r} column to plot against")
+    df = df.assign(_x=pd.to_numeric(df[x], errors="coerce")).dropna(subset=["_x"])
+    if df.empty:
+        raise ReportError(f"no result row has a value in {x!r}; nothing to plot")
+    keys = sorted(
+        {(m, c, s) for m, c, s in df[["method", "config_hash", "setting"]].itertuples(index=False)}
+    )
+    labels = _series_labels(keys)
+    rows = []
+    for (m, c, s, xv), g in df.groupby(["method", "config_hash", "setting", "_x"], sort=True):
+        agg = aggregate(g, "accuracy")
+        rows.append(
+            {
+                "series": labels[(m, c, s)],
+                "method": m,
+                "config_hash": c,
+                "setting": s,
+                "x": float(xv),
+                "accuracy": agg.ci.mean * 100,
+                "ci95": agg.ci.half_width * 100,
+                "ci_over": agg.describe(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def axis_label(df: pd.DataFrame, x: str = "x_value") -> str:
+    """The x-axis label: the results' ``x_label`` values for ``x_value``, else the column name."""
+    if x == "x_value" and "x_label" in df.columns:
+        given = sorted({str(v) for v in df["x_label"].dropna() if str(v)})
+        if given:
+            return " / ".join(given)
+    return x.replace("_", " ")
+
+
+def plot_accuracy_curve(
+    df: pd.DataFrame,
+    path: str | Path,
+    *,
+    x: str = "x_value",
+    title: str | None = None,
+    x_label: str | None = None,
+) -> Path:
+    """Accuracy (%) against ``x`` (labels or shots per class) per method with 95% CI bands, as PNG.
+
+    Rows without an ``x`` value are left out. The x axis is logarithmic when the values span more
+    than one decade. The default title is the protocol family (see :func:`protocol_family`).
+    """
+    prepared = prepare(df)
+    points = curve_table(prepared, x)
+    if x_label is None:
+        x_label = axis_label(prepared, x)
+    if title is None:
+        with_x = prepared[pd.to_numeric(prepared[x], errors="coerce").notna()]
+        fams = sorted(set(families(with_x)))
+        title = f"{', '.join(fams)}: accuracy vs {x_label}"
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs_all = np.sort(points["x"].unique())
+    for series, g in points.groupby("series", sort=False):
+        g = g.sort_values("x")
+        xs, ys, hw = g["x"].to_numpy(), g["accuracy"].to_numpy(), g["ci95"].to_numpy()
+        (line,) = ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=str(series))
+        if np.isfinite(hw).any():
+            ax.fill_between(xs, ys - hw, ys + hw, color=line.get_color(), alpha=0.2, linewidth=0)
+    positive = xs_all[xs_all > 0]
+    if len(positive) == len(xs_all) and len(xs_all) > 1 and xs_all.max() / xs_all.min() > 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(xs_all))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{v:g}" for v in xs_all])
+    elif len(xs_all) <= 12:
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([f"{v:g}" for v in xs_all])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("accuracy (%) ± 95% CI")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
