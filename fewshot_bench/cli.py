@@ -1,0 +1,320 @@
+"""The ``fsbench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+from fewshot_bench.errors import FsbenchError
+
+DEFAULT_WORKDIR = Path("runs")
+
+
+def _add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    if data:
+        p.add_argument(
+            "--data-root",
+            default=None,
+            help="folder holding the datasets (default: $FSBENCH_DATA or ~/.cache/fewshot-bench/data)",
+        )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="where manifests and the results store live (default: ./runs)",
+    )
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,key=value`` (values parsed as Python literals when possible)."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise FsbenchError(
+                f"bad method parameter {item!r} in {spec!r}; write name:key=value,key=value"
+            )
+        try:
+            params[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from fewshot_bench.data import available_datasets
+
+    for name, info in available_datasets().items():
+        print(f"{name:16s} splits: {', '.join(info.splits):32s} {info.description}")
+    return 0
+
+
+def cmd_protocols(args: argparse.Namespace) -> int:
+    from fewshot_bench.tasks.protocol import all_protocols
+
+    protos = all_protocols()
+    width = max((len(n) for n in protos), default=10)
+    for name, proto in protos.items():
+        print(f"{name:{width}s}  {proto.kind:8s}  {proto.summary()}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fewshot_bench.methods import available_methods
+
+    for name, cls in available_methods().items():
+        params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items())
+        print(f"{name:24s} {cls.consumes:8s} {cls.setting:15s} {params}")
+    return 0
+
+
+def cmd_episodes(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fewshot_bench.tasks.external import export_episodes, import_episodes
+    from fewshot_bench.tasks.manifest import get_manifest, manifest_path, save_manifest
+    from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
+
+    for proto in resolve_protocols(args.protocol):
+        pool = load_pool(proto, args.data_root)
+        seeds = args.seeds or proto.run["seeds"]
+        for seed in seeds:
+            path = manifest_path(args.workdir, proto, seed)
+            if args.import_file:
+                if path.exists() and not args.force:
+                    raise FsbenchError(
+                        f"{path} exists; pass --force to replace it with imported episodes"
+                    )
+                save_manifest(import_episodes(args.import_file, proto, pool, seed), path)
+            manifest = get_manifest(proto, pool, seed, args.workdir)
+            h = manifest.header
+            first = manifest.task(0)
+            print(f"{proto.name} seed {seed}: {h['n_tasks']} tasks -> {path}")
+            print(f"  {proto.summary()}")
+            print(
+                f"  pool {h['pool_size']} items, dataset fingerprint {h['dataset_fingerprint'][:16]}, "
+                f"protocol hash {h['protocol_hash']}, source {h['source']}"
+            )
+            sizes = (len(first.support), len(first.unlabeled), len(first.query))
+            n_dis = int((first.unlabeled_labels < 0).sum())
+            print(
+                f"  task 0: {first.n_way}-way, support/unlabeled/query = {sizes}, distractor items {n_dis}"
+            )
+            for notes in pool.data.meta.get("notes", []):
+                print(f"  note: {notes}")
+            for i in range(min(args.show, manifest.n_tasks)):
+                t = manifest.task(i)
+                names = [pool.data.class_names[c] for c in t.classes[:8]]
+                print(
+                    f"  task {i}: classes {names}{' ...' if t.n_way > 8 else ''} "
+                    f"support[:5]={np.asarray(t.support[:5]).tolist()}"
+                )
+            if args.export:
+                out = Path(str(args.export).format(protocol=proto.name, seed=seed))
+                export_episodes(manifest, out, pool.data.item_ids if args.item_ids else None)
+                print(f"  exported to {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fewshot_bench.methods import get_method
+    from fewshot_bench.run.runner import resolve_device, run_protocol
+    from fewshot_bench.run.store import ResultsStore
+    from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
+
+    device = resolve_device(args.device)
+    methods = []
+    for spec in args.method:
+        name, params = parse_method_spec(spec)
+        methods.append(get_method(name)(**params))
+    protos = resolve_protocols(args.protocol)
+    store_path = args.workdir / "results.sqlite"
+    with ResultsStore(store_path) as store:
+        pool, pool_key = None, None
+        for proto in protos:
+            key = (proto.dataset["name"], tuple(proto.splits), proto.dataset.get("image_size"))
+            if key != pool_key:
+                pool, pool_key = load_pool(proto, args.data_root), key
+            summaries = run_protocol(
+                proto,
+                methods,
+                store,
+                seeds=args.seeds,
+                workdir=args.workdir,
+                root=args.data_root,
+                device=device,
+                backbone=args.backbone,
+                max_tasks=args.max_tasks,
+                batch_size=args.batch_size,
+                budget=args.budget,
+                pool=pool,
+                progress=not args.quiet,
+            )
+            for s in summaries:
+                done = f"{s.ran} run, {s.skipped} already stored"
+                mean = f"{100 * s.mean:.2f}%" if s.accuracies else "-"
+                print(
+                    f"{s.protocol:28s} {s.method:24s} seed {s.seed}: mean acc of new tasks {mean} ({done})"
+                )
+    print(f"results: {store_path}  (see `fsbench report --workdir {args.workdir}`)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fewshot_bench.report import summarise, to_csv, to_latex, to_markdown
+    from fewshot_bench.run.store import load_results
+
+    df = load_results(args.workdir / "results.sqlite", args.protocol or None)
+    if df.empty:
+        raise FsbenchError(
+            f"no results in {args.workdir / 'results.sqlite'} for {args.protocol or 'any protocol'}"
+        )
+    table = summarise(df)
+    render = {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}[args.format]
+    print(render(table))
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from fewshot_bench.report import write_leaderboards
+    from fewshot_bench.run.store import load_results
+    from fewshot_bench.tasks.protocol import resolve_protocols
+
+    protos = resolve_protocols(args.protocol)
+    names = [p.name for p in protos]
+    df = load_results(args.workdir / "results.sqlite", names)
+    if df.empty:
+        raise FsbenchError(
+            f"no results for {args.protocol} in {args.workdir / 'results.sqlite'}; run it first"
+        )
+    df["family"] = df["protocol"].map({p.name: p.family for p in protos})
+    present = [n for n in names if n in set(df["protocol"])]
+    for path in write_leaderboards(df, args.out, present):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsbench",
+        description="Episodic few-shot and semi-supervised benchmarks with honest confidence intervals.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("datasets", help="list dataset loaders and their splits")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser(
+        "protocols", help="list benchmark protocols (episodes/*.toml and $FSBENCH_PROTOCOLS)"
+    )
+    p.set_defaults(func=cmd_protocols)
+
+    p = sub.add_parser("methods", help="list registered methods (built-in and plugins)")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser(
+        "episodes", help="materialise a protocol's frozen manifest and show a summary"
+    )
+    p.add_argument("protocol", help="protocol name, family name or path to a .toml file")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the protocol's)")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N tasks")
+    p.add_argument(
+        "--import",
+        dest="import_file",
+        metavar="FILE",
+        help="import externally given episodes (JSON Lines, see fewshot_bench/tasks/external.py)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing manifest on --import")
+    p.add_argument(
+        "--export",
+        metavar="FILE",
+        help="write the episodes as JSON Lines ({protocol}, {seed} expand)",
+    )
+    p.add_argument(
+        "--item-ids", action="store_true", help="export item ids (file paths) instead of indices"
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_episodes)
+
+    p = sub.add_parser(
+        "run", help="run methods on a protocol; resumes where a previous run stopped"
+    )
+    p.add_argument(
+        "protocol", help="protocol name, family name (all variants) or path to a .toml file"
+    )
+    p.add_argument(
+        "--method",
+        "-m",
+        action="append",
+        required=True,
+        help="method name, optionally name:key=value,... (repeat for several)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the protocol's)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."
+    )
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="feature extractor for feature methods (default: protocol's)",
+    )
+    p.add_argument(
+        "--max-tasks", type=int, default=None, help="run only the first N tasks of each seed"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="tasks per predict_batch call")
+    p.add_argument("--budget", type=int, default=None, help="training steps for methods that fit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "report", help="mean ± 95%% CI per protocol and method from the results store"
+    )
+    p.add_argument("--protocol", nargs="*", help="only these protocols")
+    p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "leaderboard", help="write Markdown/CSV/LaTeX tables and plots for a protocol"
+    )
+    p.add_argument("protocol", help="protocol or family name")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("leaderboards"),
+        help="output folder (default: leaderboards/)",
+    )
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_leaderboard)
+
+    try:
+        from fewshot_bench.perf import add_perf_parser
+
+        add_perf_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FsbenchError as exc:
+        print(f"fsbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "fsbench: interrupted; finished tasks are stored, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
