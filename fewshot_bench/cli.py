@@ -19,6 +19,11 @@ def _add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
             default=None,
             help="folder holding the datasets (default: $FSBENCH_DATA or ~/.cache/fewshot-bench/data)",
         )
+        p.add_argument(
+            "--download",
+            action="store_true",
+            help="download missing datasets (checksum-verified) into the data root",
+        )
     p.add_argument(
         "--workdir",
         type=Path,
@@ -52,6 +57,15 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from fewshot_bench.data import download_dataset
+
+    for name in args.dataset:
+        download_dataset(name, args.data_root)
+        print(f"{name}: ready under {args.data_root or '$FSBENCH_DATA / default root'}")
+    return 0
+
+
 def cmd_protocols(args: argparse.Namespace) -> int:
     from fewshot_bench.tasks.protocol import all_protocols
 
@@ -79,7 +93,7 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
 
     for proto in resolve_protocols(args.protocol):
-        pool = load_pool(proto, args.data_root)
+        pool = load_pool(proto, args.data_root, download=args.download)
         seeds = args.seeds or proto.run["seeds"]
         for seed in seeds:
             path = manifest_path(args.workdir, proto, seed)
@@ -137,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for proto in protos:
             key = (proto.dataset["name"], tuple(proto.splits), proto.dataset.get("image_size"))
             if key != pool_key:
-                pool, pool_key = load_pool(proto, args.data_root), key
+                pool, pool_key = load_pool(proto, args.data_root, download=args.download), key
             summaries = run_protocol(
                 proto,
                 methods,

@@ -91,7 +91,12 @@ class Protocol:
             if p["n_distractor"]:
                 s += f", {p['n_distractor']} distractor classes"
             return f"{ds}: {s}, {p['n_tasks']} tasks/seed"
-        return f"{ds}: {p['n_labels']} labels (balanced) from {p['labeled_split']}, query {p['query_split']}"
+        amount = (
+            f"{p['n_labels']} labels"
+            if "n_labels" in p
+            else f"{100 * p['label_fraction']:g}% labels"
+        )
+        return f"{ds}: {amount} (balanced) from {p['labeled_split']}, query {p['query_split']}"
 
 
 def _check_keys(table: dict, allowed: set[str], where: str, source: str) -> None:
@@ -248,7 +253,8 @@ def all_protocols() -> dict[str, Protocol]:
         for path in sorted(folder.glob("*.toml")):
             for proto in load_protocol_file(path):
                 found[proto.name] = proto
-    return dict(sorted(found.items()))
+    ordered = sorted(found.values(), key=lambda p: (p.family, p.x_value or 0.0, p.name))
+    return {p.name: p for p in ordered}
 
 
 def resolve_protocols(spec: str) -> list[Protocol]:
