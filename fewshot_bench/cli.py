@@ -305,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, data=False)
     p.set_defaults(func=cmd_leaderboard)
 
-    try:
-        from fewshot_bench.perf import add_perf_parser
+    from fewshot_bench.pretrain_cli import add_pretrain_parser
 
-        add_perf_parser(sub)
-    except ImportError:
-        pass
+    add_pretrain_parser(sub)
+    from fewshot_bench.perf import add_perf_parser
+
+    add_perf_parser(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -103,7 +104,25 @@ def test_run_and_resume_in_process(small, tmp_path):
 
 
 def test_store_is_append_only(tmp_path):
-    row = ResultRow("p", "h", "m", "c", "inductive", "pixels", 0, 0, 0.5, None, 10, 0.1, "cpu", 1.0, "x", "{}", "t")
+    row = ResultRow(
+        "p",
+        "h",
+        "m",
+        "c",
+        "inductive",
+        "pixels",
+        0,
+        0,
+        0.5,
+        None,
+        10,
+        0.1,
+        "cpu",
+        1.0,
+        "x",
+        "{}",
+        "t",
+    )
     with ResultsStore(tmp_path / "r.sqlite") as store:
         assert store.append([row, row]) == 1
         assert store.append([row]) == 0
@@ -241,6 +260,9 @@ def test_concurrent_writers(shared_data, tmp_path):
 def test_entry_point_plugin(tmp_path):
     """Install a third-party package into a temporary prefix; `fsbench methods` must list its method."""
     target = tmp_path / "site"
+    source = shutil.copytree(
+        REPO / "tests" / "plugin_pkg", tmp_path / "plugin_pkg"
+    )  # builds stay out of the repo
     subprocess.run(
         [
             sys.executable,
@@ -252,7 +274,7 @@ def test_entry_point_plugin(tmp_path):
             "--no-build-isolation",
             "--target",
             str(target),
-            str(REPO / "tests" / "plugin_pkg"),
+            str(source),
         ],
         check=True,
         capture_output=True,

@@ -89,6 +89,14 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
         """Restore what ``state_dict`` returned."""
 
+    def task_setting(self, task: Task) -> str:
+        """The setting this method ran in on ``task`` (recorded per result row).
+
+        Defaults to ``setting``; a method that falls back to using the queries as a whole (for
+        example when a task has no unlabeled pool) reports ``"transductive"`` for that task.
+        """
+        return self.setting
+
     @property
     def trains(self) -> bool:
         """Whether this method overrides ``fit``."""

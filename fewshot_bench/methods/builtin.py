@@ -1,3 +1,3 @@
 """Imports every built-in method module so their ``@register_method`` decorators run."""
 
-from fewshot_bench.methods import simple  # noqa: F401
+from fewshot_bench.methods import propagation, simple  # noqa: F401

@@ -217,7 +217,7 @@ def run_protocol(
                             protocol_hash=protocol.hash(),
                             method=method.name,
                             config_hash=method.config_hash(),
-                            setting=method.setting,
+                            setting=method.task_setting(task),
                             backbone=method_backbone,
                             seed=seed,
                             task_index=i,

@@ -1,0 +1,169 @@
+"""Registered propagation methods: registry, shapes, fallbacks, determinism, real-data check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from fewshot_bench.errors import ProtocolError
+from fewshot_bench.methods import available_methods
+from fewshot_bench.methods.base import TaskContext
+from fewshot_bench.methods.propagation import (
+    Diffusion,
+    DiffusionLogreg,
+    NNPropagation,
+    PropagationClassifier,
+    SpectralPropagation,
+    pseudo_label_unlabeled,
+)
+from fewshot_bench.tasks.task import Task
+
+NAMES = [
+    "nn-propagation",
+    "spectral-propagation",
+    "diffusion",
+    "diffusion-logreg",
+    "propagation-classifier",
+]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    return x.astype(np.float32), y
+
+
+def digits_task(
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    shot: int = 1,
+    n_unl: int = 30,
+    n_q: int = 15,
+    distractors: int = 0,
+) -> tuple[Task, np.ndarray]:
+    """A 5-way episode on sklearn's digits with an unlabeled pool (optionally distractor classes)."""
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(10, 5 + distractors, replace=False)
+    s, sl, u, q, ql = [], [], [], [], []
+    for j, c in enumerate(classes):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if j < 5:
+            s += list(idx[:shot])
+            sl += [j] * shot
+            q += list(idx[shot : shot + n_q])
+            ql += [j] * n_q
+            u += list(idx[shot + n_q : shot + n_q + n_unl])
+        else:
+            u += list(idx[:n_unl])
+    task = Task(
+        torch.from_numpy(x[s]),
+        torch.tensor(sl),
+        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
+        torch.from_numpy(x[q]),
+        5,
+        "features",
+    )
+    return task, np.array(ql)
+
+
+def prototype_scores(task: Task) -> torch.Tensor:
+    sup, qry = F.normalize(task.support, dim=1), F.normalize(task.query, dim=1)
+    protos = torch.stack([sup[task.support_labels == c].mean(0) for c in range(task.n_way)])
+    return -torch.cdist(qry, protos)
+
+
+def test_registered() -> None:
+    methods = available_methods()
+    for name in NAMES:
+        assert name in methods
+        assert methods[name].consumes == "features" and methods[name].setting == "semi-supervised"
+
+
+def test_propagation_beats_nearest_prototype_on_digits(digits) -> None:
+    x, y = digits
+    accs: dict[str, list[float]] = {"proto": [], "diffusion": [], "spectral": []}
+    for seed in range(12):
+        task, ql = digits_task(x, y, seed)
+        ctx = TaskContext.create(seed)
+        accs["proto"].append(float((prototype_scores(task).argmax(1).numpy() == ql).mean()))
+        accs["diffusion"].append(
+            float((Diffusion().predict(task, ctx).argmax(1).numpy() == ql).mean())
+        )
+        accs["spectral"].append(
+            float((SpectralPropagation().predict(task, ctx).argmax(1).numpy() == ql).mean())
+        )
+    mean = {k: float(np.mean(v)) for k, v in accs.items()}
+    assert mean["diffusion"] > mean["proto"] + 0.05, mean
+    assert mean["spectral"] > mean["proto"] + 0.05, mean
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        NNPropagation(),
+        SpectralPropagation(),
+        Diffusion(),
+        Diffusion(norm="sinkhorn", n_iter=4),
+        DiffusionLogreg(),
+        PropagationClassifier(),
+        PropagationClassifier(propagator="spectral"),
+        PropagationClassifier(propagator="nn", k_per_class=5),
+    ],
+    ids=lambda m: f"{m.name}-{m.config_hash()}",
+)
+def test_shapes_shots_and_empty_pool(method, digits) -> None:
+    x, y = digits
+    for shot, n_unl in [(1, 20), (3, 20), (2, 0)]:
+        task, _ = digits_task(x, y, 3, shot=shot, n_unl=n_unl, n_q=4, distractors=1 if n_unl else 0)
+        scores = method.predict(task, TaskContext.create(0))
+        assert scores.shape == (20, 5)
+        assert torch.isfinite(scores).all()
+
+
+def test_queries_out_only_do_not_change_each_other(digits) -> None:
+    """With queries out-only, a query's score does not depend on the other queries."""
+    x, y = digits
+    task, _ = digits_task(x, y, 5, shot=1, n_unl=30)
+    full = Diffusion(n_iter=3).predict(task, TaskContext.create(0))
+    half = Task(task.support, task.support_labels, task.unlabeled, task.query[:10], 5, "features")
+    torch.testing.assert_close(Diffusion(n_iter=3).predict(half, TaskContext.create(0)), full[:10])
+    in_graph = Diffusion(n_iter=3, queries_in_graph=True).predict(half, TaskContext.create(0))
+    assert not torch.allclose(in_graph, full[:10])
+
+
+def test_deterministic_given_seed(digits) -> None:
+    x, y = digits
+    task, _ = digits_task(x, y, 1, shot=3)
+    for cls in (Diffusion, DiffusionLogreg, SpectralPropagation):
+        a = cls().predict(task, TaskContext.create(7))
+        b = cls().predict(task, TaskContext.create(7))
+        torch.testing.assert_close(a, b)
+
+
+def test_pseudo_label_export(digits) -> None:
+    x, y = digits
+    task, _ = digits_task(x, y, 2, shot=1, n_unl=30)
+    pl = pseudo_label_unlabeled(task, TaskContext.create(0), k_per_class=4)
+    assert len(pl) <= 20 and (pl.alpha[:-1] >= pl.alpha[1:]).all() and (pl.alpha >= 0.01).all()
+    assert int(pl.indices.max()) < task.unlabeled.shape[0]
+    assert torch.bincount(pl.labels, minlength=5).max() <= 4
+    top = pseudo_label_unlabeled(task, TaskContext.create(0), propagator="spectral", k=7)
+    assert len(top) == 7
+
+
+def test_unknown_parameter_rejected() -> None:
+    with pytest.raises(ProtocolError):
+        Diffusion(eta=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_matches_cpu(digits) -> None:
+    x, y = digits
+    task, _ = digits_task(x, y, 4, shot=1)
+    cpu = Diffusion(n_iter=3).predict(task, TaskContext.create(0))
+    gpu = Diffusion(n_iter=3).predict(task, TaskContext.create(0, device="cuda"))
+    torch.testing.assert_close(cpu, gpu, atol=1e-4, rtol=1e-4)
