@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
+from fewshot_bench.atomic import atomic_path
 from fewshot_bench.backbones.embedders import Embedder, register_embedder
 from fewshot_bench.backbones.nets import Backbone, build_backbone
 from fewshot_bench.errors import InputDataError
@@ -57,17 +57,8 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {**ckpt, "format": FORMAT, "weights_sha256": state_dict_sha256(ckpt["state_dict"])}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fewshot_bench.atomic import atomic_path
 from fewshot_bench.data.base import cache_root
 from fewshot_bench.errors import InputDataError
 
@@ -154,15 +154,11 @@ def cached_array(kind: str, key: str, build: Callable[[], np.ndarray]) -> np.nda
         except (OSError, ValueError, EOFError):
             pass  # a damaged cache file: rebuild it below
     arr = build()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.stem, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, arr, allow_pickle=False)
     except OSError:
-        Path(tmp).unlink(missing_ok=True)  # cache is best effort (read-only or full disk)
+        pass  # the cache is best effort (read-only or full disk)
     return arr
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from fewshot_bench.atomic import atomic_path
 from fewshot_bench.graph.knn import KnnIndex, Neighbors, merge_neighbors, prepare_vectors
 
 WEIGHTS = ("binary", "exp")
@@ -254,13 +255,15 @@ class BackgroundGraphCache:
     def put(self, key: str, nb: Neighbors, state: dict[str, np.ndarray], kind: str) -> None:
         self._remember(key, (nb, state, kind))
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f"bg-{key}.tmp.npz"
             itype = np.int32 if nb.indices.max(initial=0) < 2**31 - 1 else np.int64
-            np.savez(
-                tmp, indices=nb.indices.astype(itype), sims=nb.sims, kind=np.array(kind), **state
-            )
-            os.replace(tmp, self.directory / f"bg-{key}.npz")
+            with atomic_path(self.directory / f"bg-{key}.npz", suffix=".npz") as tmp:
+                np.savez(
+                    tmp,
+                    indices=nb.indices.astype(itype),
+                    sims=nb.sims,
+                    kind=np.array(kind),
+                    **state,
+                )
 
     def _remember(self, key: str, value: tuple[Neighbors, dict[str, np.ndarray], str]) -> None:
         self._mem[key] = value

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fewshot_bench.atomic import write_text_atomic
 from fewshot_bench.report.plots import (
     axis_label,
     curve_table,
@@ -125,7 +126,7 @@ def write_leaderboard(
     if png is not None:
         md += [f"![accuracy vs {fam}]({png.name})", ""]
     md_path = out / f"{stem}.md"
-    _write_text(md_path, "\n".join(md).rstrip("\n") + "\n")
+    write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
     paths.append(md_path)
 
     csv_path = out / f"{stem}.csv"
@@ -139,12 +140,6 @@ def write_leaderboard(
     if png is not None:
         paths.append(png)
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def write_leaderboards(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fewshot_bench.atomic import write_text_atomic
 from fewshot_bench.report.stats import (
     ReportError,
     _paired_from_diffs,
@@ -329,11 +330,7 @@ def format_table(table: pd.DataFrame, digits: int = 2) -> tuple[pd.DataFrame, li
 
 def _write(text: str, path: str | Path | None) -> None:
     if path is not None:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(p)
+        write_text_atomic(path, text)
 
 
 def _md_cell(s: str) -> str:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fewshot_bench.atomic import atomic_path
 from fewshot_bench.backbones.embedders import Embedder
 from fewshot_bench.data.base import LabeledData, cache_root
 from fewshot_bench.errors import InputDataError
@@ -37,13 +36,6 @@ def pool_features(data: LabeledData, embedder: Embedder, device: torch.device) -
             f"backbone {embedder.identity} produced NaN/inf features on {data.name}; "
             "the checkpoint is broken or diverged: retrain it or pick another --backbone"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(feats, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return feats

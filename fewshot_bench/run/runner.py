@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fewshot_bench.atomic import atomic_path
 from fewshot_bench.backbones.embedders import get_embedder
 from fewshot_bench.data.base import cache_root
 from fewshot_bench.errors import FsbenchError, ProtocolError
@@ -128,10 +129,8 @@ def fit_method(
     method.fit(source, budget, TaskContext.create(seed, device))
     state = method.state_dict()
     if state is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
 
 def run_protocol(

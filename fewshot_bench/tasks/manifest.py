@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fewshot_bench.atomic import atomic_path
 from fewshot_bench.errors import ManifestError
 from fewshot_bench.tasks.protocol import Pool, Protocol
 from fewshot_bench.tasks.sampler import iter_tasks
@@ -113,17 +112,10 @@ def build_manifest(
 
 def save_manifest(manifest: Manifest, path: Path) -> Path:
     """Write atomically (temp file + rename), so a crash never leaves a half-written manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh, header=np.array(json.dumps(manifest.header, sort_keys=True)), **manifest.arrays
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(
+            tmp, header=np.array(json.dumps(manifest.header, sort_keys=True)), **manifest.arrays
+        )
     return path
 
 
