@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except FsbenchError as exc:
         print(f"fsbench: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(
             "fsbench: interrupted; finished tasks are stored, rerun the same command to resume",

@@ -172,6 +172,11 @@ def run_protocol(
         if method.trains:
             fit_method(method, protocol, root, backbone, device, budget, seeds[0])
         config = {**method.config(), "backbone": method_backbone}
+        if method.trains:
+            config["budget"] = budget
+        # The stored config hash covers what the features came from and the training budget,
+        # so runs of one method on two backbones never pool into one leaderboard entry.
+        run_hash = hashlib.sha256(config_json(config).encode()).hexdigest()[:12]
         for seed in seeds:
             manifest = manifests[seed]
             n = manifest.n_tasks if max_tasks is None else min(max_tasks, manifest.n_tasks)
@@ -179,7 +184,7 @@ def run_protocol(
                 protocol.name,
                 protocol.hash(),
                 method.name,
-                method.config_hash(),
+                run_hash,
                 method_backbone,
                 seed,
             )
@@ -215,7 +220,7 @@ def run_protocol(
                             protocol=protocol.name,
                             protocol_hash=protocol.hash(),
                             method=method.name,
-                            config_hash=method.config_hash(),
+                            config_hash=run_hash,
                             setting=method.task_setting(task),
                             backbone=method_backbone,
                             seed=seed,
