@@ -204,7 +204,7 @@ def vote(
     sigma: float,
     *,
     weights: torch.Tensor | None = None,
-    chunk: int = 65536,
+    max_block: int = 2**25,
 ) -> torch.Tensor:
     """Eq. 5 voting in log space: ``log z[u,c] = log( Σ_{i∈c} w_i exp(σ cos(i,u)) / Σ_{i∈c} w_i )``.
 
@@ -228,6 +228,9 @@ def vote(
         .log()
     )
     out = torch.full((b.shape[0], n_classes), -torch.inf, device=a.device)
+    chunk = max(
+        1, max_block // max(1, a.shape[0])
+    )  # [chunk, n_labeled] block of <= max_block floats
     for s in range(0, b.shape[0], chunk):
         logits = (sigma * (b[s : s + chunk] @ a.T)).add_(logw)  # [nt, nl]
         start = 0
