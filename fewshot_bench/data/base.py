@@ -49,7 +49,9 @@ class LabeledData:
             raise ValueError("images must be a uint8 tensor [N, C, H, W]")
         if self.features is not None:
             if self.features.ndim != 2:
-                raise InputDataError(f"{self.name}: features must be 2-D [N, D], got {tuple(self.features.shape)}")
+                raise InputDataError(
+                    f"{self.name}: features must be 2-D [N, D], got {tuple(self.features.shape)}"
+                )
             if not torch.isfinite(self.features).all():
                 bad = (~torch.isfinite(self.features)).any(dim=1).nonzero().flatten()[:5].tolist()
                 raise InputDataError(

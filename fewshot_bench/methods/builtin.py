@@ -1,3 +1,10 @@
 """Imports every built-in method module so their ``@register_method`` decorators run."""
 
-from fewshot_bench.methods import propagation, simple  # noqa: F401
+from fewshot_bench.methods import (  # noqa: F401
+    maml,
+    mean_teacher,
+    propagation,
+    protonet,
+    simple,
+    soft_kmeans,
+)

@@ -1,0 +1,220 @@
+"""Shared helpers of the image-consuming baselines: episode sampling on base classes, seeded
+network construction, prototypes and distances, chunked embedding, learning-rate schedule.
+
+Episodes drawn here are for *training* on a ``FitSource`` (base classes); evaluation tasks come
+from the protocol's frozen manifest, never from this sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fewshot_bench.backbones.nets import Backbone, build_backbone
+from fewshot_bench.errors import FsbenchError, ProtocolError
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Indices into the fit source of one training episode (labels ``0..n_way-1``).
+
+    ``unlabeled`` holds items of the episode's classes and of ``n_distractor`` extra classes;
+    ``unlabeled_is_distractor`` marks the latter (used only by tests and diagnostics).
+    """
+
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    unlabeled: torch.Tensor
+    unlabeled_is_distractor: torch.Tensor
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot training episodes (optionally with unlabeled items and distractor
+    classes, Ren et al. 2018) from integer labels, with all randomness from a ``torch.Generator``.
+
+    Classes with fewer than ``k_shot + n_query + n_unlabeled`` items are never drawn as episode
+    classes; distractor classes need ``n_unlabeled`` items.
+    """
+
+    def __init__(self, labels: np.ndarray | torch.Tensor) -> None:
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if y.ndim != 1 or len(y) == 0:
+            raise FsbenchError("episode sampler needs a non-empty 1-D label array")
+        order = torch.argsort(y, stable=True)
+        classes, counts = torch.unique_consecutive(y[order], return_counts=True)
+        self.order = order
+        self.classes = classes
+        self.counts = counts
+        self.starts = torch.cumsum(counts, 0) - counts
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def _pick(self, class_pos: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
+        """``per_class`` distinct random items of each class position: ``[len(class_pos), per_class]``."""
+        counts = self.counts[class_pos]
+        width = int(counts.max())
+        keys = torch.rand(len(class_pos), width, generator=gen)
+        keys[torch.arange(width)[None, :] >= counts[:, None]] = 2.0  # never pick padding
+        offsets = keys.argsort(dim=1)[:, :per_class]
+        return self.order[self.starts[class_pos][:, None] + offsets]
+
+    def sample(
+        self,
+        n_way: int,
+        k_shot: int,
+        n_query: int,
+        gen: torch.Generator,
+        n_unlabeled: int = 0,
+        n_distractor: int = 0,
+    ) -> Episode:
+        """One episode; items are indices into the label array given at construction."""
+        need = k_shot + n_query + n_unlabeled
+        eligible = torch.nonzero(self.counts >= need).flatten()
+        if len(eligible) < n_way:
+            raise ProtocolError(
+                f"cannot draw {n_way}-way episodes with {need} items per class: only "
+                f"{len(eligible)} base classes have that many items"
+            )
+        pos = eligible[torch.randperm(len(eligible), generator=gen)[:n_way]]
+        items = self._pick(pos, need, gen)  # [n_way, need]
+        labels = torch.arange(n_way)
+        support = items[:, :k_shot].reshape(-1)
+        query = items[:, k_shot : k_shot + n_query].reshape(-1)
+        unl = items[:, k_shot + n_query :].reshape(-1)
+        is_distractor = torch.zeros(len(unl), dtype=torch.bool)
+        if n_distractor and n_unlabeled:
+            taken = torch.zeros(self.n_classes, dtype=torch.bool)
+            taken[pos] = True
+            rest = torch.nonzero(~taken & (self.counts >= n_unlabeled)).flatten()
+            if len(rest) < n_distractor:
+                raise ProtocolError(
+                    f"cannot draw {n_distractor} distractor classes: only {len(rest)} remain"
+                )
+            dpos = rest[torch.randperm(len(rest), generator=gen)[:n_distractor]]
+            d_items = self._pick(dpos, n_unlabeled, gen).reshape(-1)
+            unl = torch.cat([unl, d_items])
+            is_distractor = torch.cat([is_distractor, torch.ones(len(d_items), dtype=torch.bool)])
+        return Episode(
+            support=support,
+            support_labels=labels.repeat_interleave(k_shot),
+            query=query,
+            query_labels=labels.repeat_interleave(n_query),
+            unlabeled=unl,
+            unlabeled_is_distractor=is_distractor,
+        )
+
+
+def require_images(source_kind: str, method: str) -> None:
+    """Fail clearly when an image method is handed features."""
+    if source_kind != "images":
+        raise ProtocolError(f"method {method!r} consumes images, but was given {source_kind}")
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded to ``seed``, restoring the outer state after."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        yield
+
+
+def seeded_backbone(
+    arch: str, in_channels: int, image_size: int, seed: int, device: torch.device
+) -> Backbone:
+    """``build_backbone`` with weights initialised from ``seed`` (global RNG left untouched)."""
+    with seeded(seed):
+        net = build_backbone(arch, in_channels, image_size)
+    return net.to(device)
+
+
+def image_geometry(images: torch.Tensor) -> tuple[int, int]:
+    """(channels, side) of square images ``[N, C, S, S]``."""
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ProtocolError(f"expected square images [N, C, S, S], got shape {tuple(images.shape)}")
+    return int(images.shape[1]), int(images.shape[-1])
+
+
+def prototypes(emb: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """Class means ``[..., n_way, D]`` of ``emb`` ``[..., n, D]`` with labels ``[..., n]``."""
+    onehot = torch.nn.functional.one_hot(labels, n_way).to(emb.dtype)
+    counts = onehot.sum(dim=-2).clamp_min(1)
+    return (onehot.transpose(-1, -2) @ emb) / counts.unsqueeze(-1)
+
+
+def sq_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``[..., n, k]`` between ``x`` ``[..., n, D]`` and ``centers``."""
+    d = (
+        x.pow(2).sum(-1, keepdim=True)
+        - 2 * x @ centers.transpose(-1, -2)
+        + centers.pow(2).sum(-1).unsqueeze(-2)
+    )
+    return d.clamp_min(0)
+
+
+def embed(
+    net: nn.Module, images: torch.Tensor, device: torch.device, chunk: int | None = None
+) -> torch.Tensor:
+    """Features of ``images`` in eval mode without gradients, ``chunk`` images per forward
+    (default 1024 on CPU, 8192 on CUDA)."""
+    chunk = chunk or (8192 if device.type == "cuda" else 1024)
+    was_training = net.training
+    net.eval()
+    outs = []
+    with torch.no_grad(), autocast(device):
+        for i in range(0, images.shape[0], chunk):
+            outs.append(net(images[i : i + chunk].to(device, non_blocking=True)).float())
+    net.train(was_training)
+    if not outs:
+        return torch.zeros(0, getattr(net, "out_dim", 0), device=device)
+    return torch.cat(outs)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA; a no-op on CPU (mixed precision is for GPUs only)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, every: int) -> None:
+    """Halve the learning rate every ``every`` steps (Snell et al.'s schedule); 0 = constant."""
+    lr = base_lr * (0.5 ** (step // every)) if every > 0 else base_lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def resolve_steps(budget: int | None, steps: int) -> int:
+    """The number of training steps: the runner's ``budget`` when given, else the ``steps`` param."""
+    n = steps if budget is None else budget
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ProtocolError(f"training steps must be an integer >= 0, got {n!r}")
+    return n
+
+
+def load_state_file(path: str | Path) -> dict[str, Any]:
+    """A state saved by a method's ``state_dict`` (e.g. from the runner's fit cache)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FsbenchError(f"init state {p} does not exist (give the path of a saved .pt state)")
+    return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def group_by_shape(tasks: list[Any]) -> list[list[int]]:
+    """Indices of tasks grouped by (support, unlabeled, query shapes, n_way) for batching."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tasks):
+        key = (tuple(t.support.shape), tuple(t.unlabeled.shape), tuple(t.query.shape), t.n_way)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())

@@ -1,0 +1,281 @@
+"""Model-Agnostic Meta-Learning (Finn, Abbeel & Levine 2017), second- and first-order, written
+with ``torch.func.functional_call`` (learn2learn does not build on Python >= 3.11).
+
+The network is a backbone (Conv-4 by default) with a linear ``n_way`` head. ``fit`` meta-trains
+the initialisation on episodes of the base classes: for each of ``meta_batch`` tasks, take
+``inner_steps`` SGD steps of size ``inner_lr`` on the support loss, then the query loss of the
+adapted weights is back-propagated to the initial weights through the inner loop
+(``maml``: second order, ``create_graph=True``; ``fomaml``: first order, the inner gradients
+are treated as constants), Adam with ``meta_lr``. ``predict`` adapts on the support with
+``test_inner_steps`` steps and scores the queries.
+
+Batch norm: every BN layer normalises with the statistics of the *support* images of the task
+(no running statistics, Finn's "batch statistics" mode); queries are normalised with the
+support's statistics too, so no query ever influences another and the method stays
+**inductive** (Finn et al. normalised the query batch with its own statistics, which is
+transductive). ``n_way`` must equal the protocol's way (the head is ``n_way``-wide).
+Finn's settings: Omniglot 5-way ``inner_lr=0.4``, 1 step in training, 3 at test, meta batch 32;
+20-way ``inner_lr=0.1``, 5 steps in training and test, meta batch 16; 60 000 meta-iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm import tqdm
+
+from fewshot_bench.errors import FsbenchError, ProtocolError
+from fewshot_bench.methods.base import FitSource, Method, TaskContext
+from fewshot_bench.methods.episodic import (
+    EpisodeSampler,
+    image_geometry,
+    load_state_file,
+    require_images,
+    resolve_steps,
+    seeded,
+    seeded_backbone,
+    step_lr,
+)
+from fewshot_bench.methods.registry import register_method
+from fewshot_bench.tasks.task import Task
+
+Params = dict[str, torch.Tensor]
+
+
+class ReferenceBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm with statistics of the first ``ref`` items of the batch (all when ``None``),
+    applied to the whole batch; never uses or updates running statistics."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps, affine=True, track_running_stats=False)
+        self.ref: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = x if self.ref is None else x[: self.ref]
+        mean = r.mean(dim=(0, 2, 3))
+        var = r.var(dim=(0, 2, 3), unbiased=False)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def _swap_batchnorm(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            new = ReferenceBatchNorm2d(child.num_features, child.eps)
+            with torch.no_grad():
+                new.weight.copy_(child.weight)
+                new.bias.copy_(child.bias)
+            setattr(module, name, new)
+        else:
+            _swap_batchnorm(child)
+
+
+class MamlNet(nn.Module):
+    """A backbone with support-statistics batch norm and a linear classifier head."""
+
+    def __init__(self, arch: str, in_channels: int, image_size: int, n_way: int, seed: int) -> None:
+        super().__init__()
+        self.backbone = seeded_backbone(arch, in_channels, image_size, seed, torch.device("cpu"))
+        _swap_batchnorm(self.backbone)
+        with seeded(seed + 1):
+            self.head = nn.Linear(self.backbone.out_dim, n_way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    @contextlib.contextmanager
+    def reference(self, n: int | None) -> Iterator[None]:
+        """Normalise with the statistics of the first ``n`` items within this block."""
+        bns = [m for m in self.modules() if isinstance(m, ReferenceBatchNorm2d)]
+        for m in bns:
+            m.ref = n
+        try:
+            yield
+        finally:
+            for m in bns:
+                m.ref = None
+
+
+def inner_adapt(
+    net: MamlNet,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
+    create_graph: bool,
+) -> Params:
+    """``steps`` SGD steps on the cross-entropy of ``(x, y)`` starting from ``params``.
+
+    ``create_graph=True`` keeps the graph of the gradients (second-order MAML); with ``False``
+    they are constants (first-order MAML).
+    """
+    names = list(params)
+    for _ in range(steps):
+        loss = F.cross_entropy(functional_call(net, params, (x,)), y)
+        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
+        params = {k: params[k] - lr * g for k, g in zip(names, grads, strict=True)}
+    return params
+
+
+def adapted_logits(
+    net: MamlNet, params: Params, support: torch.Tensor, query: torch.Tensor
+) -> torch.Tensor:
+    """Query logits, batch norm using the support's statistics (support first in the batch)."""
+    with net.reference(support.shape[0]):
+        out = functional_call(net, params, (torch.cat([support, query]),))
+    return out[support.shape[0] :]
+
+
+@register_method("maml")
+class MAML(Method):
+    """MAML: a meta-learned initialisation adapted to each task by a few SGD steps."""
+
+    consumes = "images"
+    setting = "inductive"
+    defaults: dict[str, Any] = {
+        "arch": "conv4",
+        "n_way": 5,
+        "k_shot": 1,
+        "train_query": 5,
+        "inner_lr": 0.4,
+        "inner_steps": 1,
+        "test_inner_steps": 3,
+        "first_order": False,
+        "meta_batch": 32,
+        "meta_lr": 1e-3,
+        "lr_decay_every": 0,
+        "steps": 2000,
+        "init": "",
+    }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.net: MamlNet | None = None
+        self.geometry: tuple[int, int] | None = None
+        self.train_log: list[dict[str, float]] = []
+
+    def _build(self, in_channels: int, image_size: int, seed: int, device: torch.device) -> None:
+        p = self.params
+        self.net = MamlNet(p["arch"], in_channels, image_size, p["n_way"], seed).to(device)
+        self.geometry = (in_channels, image_size)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        if self.net is None:
+            return None
+        return {
+            "arch": self.params["arch"],
+            "n_way": self.params["n_way"],
+            "geometry": self.geometry,
+            "net": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "train_log": self.train_log,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        if (state.get("arch"), state.get("n_way")) != (self.params["arch"], self.params["n_way"]):
+            raise FsbenchError(
+                f"{self.name}: saved state is for {state.get('arch')!r} {state.get('n_way')}-way, "
+                f"this method is {self.params['arch']!r} {self.params['n_way']}-way"
+            )
+        self._build(*state["geometry"], 0, device or torch.device("cpu"))
+        assert self.net is not None
+        self.net.load_state_dict(state["net"])
+        self.train_log = list(state.get("train_log", []))
+
+    def fit(self, source: FitSource, budget: int | None, ctx: TaskContext) -> None:
+        """Meta-train on episodes of the base classes for ``budget`` (or ``steps``) meta-steps."""
+        require_images(source.kind, self.name)
+        p = self.params
+        n_steps = resolve_steps(budget, p["steps"])
+        device = ctx.device
+        geometry = image_geometry(source.data)
+        if p["init"]:
+            self.load_state_dict(load_state_file(p["init"]), device)
+            if self.geometry != geometry:
+                raise ProtocolError(f"{self.name}: init state is for images {self.geometry}")
+        else:
+            self._build(*geometry, ctx.seed, device)
+            self.train_log = []
+        assert self.net is not None
+        if n_steps == 0:
+            return
+        sampler = EpisodeSampler(source.labels)
+        data = source.data.to(device)
+        net = self.net.train()
+        opt = torch.optim.Adam(net.parameters(), lr=p["meta_lr"])
+        way, shot, nq, batch = p["n_way"], p["k_shot"], p["train_query"], p["meta_batch"]
+        second_order = not p["first_order"]
+        start = time.perf_counter()
+        run_loss = run_acc = 0.0
+        bar = tqdm(range(n_steps), desc=f"fit {self.name}", unit="step", mininterval=2.0)
+        for step in bar:
+            step_lr(opt, p["meta_lr"], step, p["lr_decay_every"])
+            opt.zero_grad(set_to_none=True)
+            params = dict(net.named_parameters())
+            for _ in range(batch):
+                ep = sampler.sample(way, shot, nq, ctx.generator)
+                xs = data[ep.support.to(device)]
+                xq = data[ep.query.to(device)]
+                ys, yq = ep.support_labels.to(device), ep.query_labels.to(device)
+                fast = inner_adapt(
+                    net, params, xs, ys, p["inner_steps"], p["inner_lr"], second_order
+                )
+                logits = adapted_logits(net, fast, xs, xq)
+                loss = F.cross_entropy(logits, yq)
+                (loss / batch).backward()
+                run_loss += loss.item() / batch
+                run_acc += (logits.argmax(1) == yq).float().mean().item() / batch
+            opt.step()
+            if (step + 1) % 20 == 0 or step + 1 == n_steps:
+                k = (step % 20) + 1
+                self.train_log.append(
+                    {
+                        "step": step + 1,
+                        "loss": run_loss / k,
+                        "acc": run_acc / k,
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+                bar.set_postfix(loss=f"{run_loss / k:.3f}", acc=f"{100 * run_acc / k:.1f}%")
+                run_loss = run_acc = 0.0
+        bar.close()
+
+    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
+        """Adapt a copy of the initialisation on the support, then score the queries."""
+        if self.net is None:
+            raise FsbenchError(
+                f"method {self.name!r} must be meta-trained first (the runner calls fit on the "
+                "protocol's [dataset] fit_split)"
+            )
+        require_images(task.kind, self.name)
+        if task.n_way != self.params["n_way"]:
+            raise ProtocolError(
+                f"{self.name} was built for {self.params['n_way']}-way tasks, the task is "
+                f"{task.n_way}-way; pass -m {self.name}:n_way={task.n_way}"
+            )
+        device = ctx.device
+        net = self.net.to(device)
+        params = {k: v.detach().requires_grad_(True) for k, v in net.named_parameters()}
+        xs, xq = task.support.to(device), task.query.to(device)
+        ys = task.support_labels.to(device)
+        with torch.enable_grad():
+            fast = inner_adapt(
+                net, params, xs, ys, self.params["test_inner_steps"], self.params["inner_lr"], False
+            )
+        with torch.no_grad():
+            return adapted_logits(net, fast, xs, xq).float().cpu()
+
+
+@register_method("fomaml")
+class FOMAML(MAML):
+    """First-order MAML: the meta-gradient ignores second derivatives through the inner loop."""
+
+    defaults = {**MAML.defaults, "first_order": True}

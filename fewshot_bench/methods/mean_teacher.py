@@ -1,0 +1,211 @@
+"""Mean Teacher (Tarvainen & Valpola 2017) for the semi-supervised split protocols, and the
+"supervised" baseline with the same network and training but no unlabeled data.
+
+One task is one semi-supervised split: ``task.support`` = the labeled images, ``task.unlabeled`` =
+the rest of the training set, ``task.query`` = the test set. ``predict`` trains a fresh network
+(``arch`` backbone + linear head) on the task for ``steps`` steps and returns the teacher's
+logits on the queries:
+
+- student: Adam (``lr``, cosine decay to 0, ``weight_decay``) on the cross-entropy of a labeled
+  batch plus ``w(t)`` × the consistency cost — the squared difference of student and teacher
+  softmax outputs (summed over classes, averaged over the batch) on labeled + unlabeled images,
+  each network seeing its own random augmentation;
+- ``w(t) = consistency · exp(−5 (1 − t/T)²)`` for ``t < T = ramp_fraction · steps``, then
+  ``consistency`` (the sigmoid ramp-up of the paper);
+- teacher: exponential moving average of the student's weights (and batch-norm statistics),
+  decay ``ema_ramp`` during the ramp-up and ``ema`` after it (0.99 → 0.999 in the paper);
+- augmentations on batched tensors: random translation by up to ``translate`` pixels (reflect
+  padding + crop), horizontal flip (``flip``), additive Gaussian noise of std ``noise``.
+
+Defaults are small enough for a CPU (Conv-4, 500 steps); the paper's CIFAR-10 runs use a
+13-layer ConvNet or ResNet for far longer (pass ``arch=wrn-28-2,steps=...`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fewshot_bench.errors import ProtocolError
+from fewshot_bench.methods.base import Method, TaskContext
+from fewshot_bench.methods.episodic import (
+    autocast,
+    image_geometry,
+    require_images,
+    seeded,
+    seeded_backbone,
+)
+from fewshot_bench.methods.registry import register_method
+from fewshot_bench.tasks.task import Task
+
+
+def augment_batch(
+    x: torch.Tensor, gen: torch.Generator, translate: int, flip: bool, noise: float
+) -> torch.Tensor:
+    """Random translation (reflect pad + crop), horizontal flip and Gaussian noise of float
+    images ``[N, C, H, W]``; random numbers come from the CPU generator ``gen``."""
+    n, c, h, w = x.shape
+    dev = x.device
+    if translate > 0:
+        p = min(translate, h - 1, w - 1)
+        padded = F.pad(x, (p, p, p, p), mode="reflect")
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        rows = (torch.arange(h)[None, :] + dy[:, None]).to(dev)
+        cols = (torch.arange(w)[None, :] + dx[:, None]).to(dev)
+        x = padded[
+            torch.arange(n, device=dev)[:, None, None, None],
+            torch.arange(c, device=dev)[None, :, None, None],
+            rows[:, None, :, None],
+            cols[:, None, None, :],
+        ]
+    if flip:
+        mirror = (torch.rand(n, generator=gen) < 0.5).to(dev).view(n, 1, 1, 1)
+        x = torch.where(mirror, x.flip(-1), x)
+    if noise > 0:
+        x = x + noise * torch.randn(x.shape, generator=gen).to(dev)
+    return x
+
+
+class Classifier(nn.Module):
+    """A backbone and a linear head."""
+
+    def __init__(self, arch: str, in_channels: int, image_size: int, n_way: int, seed: int) -> None:
+        super().__init__()
+        self.backbone = seeded_backbone(arch, in_channels, image_size, seed, torch.device("cpu"))
+        with seeded(seed + 1):
+            self.head = nn.Linear(self.backbone.out_dim, n_way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """``exp(−5 (1 − t)²)`` with ``t = step / length`` clipped to [0, 1] (Laine & Aila 2017)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """``teacher ← decay · teacher + (1 − decay) · student`` for parameters and float buffers."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s, 1.0 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        if t.is_floating_point():
+            t.lerp_(s, 1.0 - decay)
+        else:
+            t.copy_(s)
+
+
+@register_method("mean-teacher")
+class MeanTeacher(Method):
+    """Mean Teacher: consistency between a student and its weight-averaged teacher."""
+
+    consumes = "images"
+    setting = "semi-supervised"
+    defaults: dict[str, Any] = {
+        "arch": "conv4",
+        "steps": 500,
+        "labeled_batch": 32,
+        "unlabeled_batch": 96,
+        "lr": 3e-3,
+        "weight_decay": 1e-4,
+        "consistency": 8.0,
+        "ramp_fraction": 0.4,
+        "ema_ramp": 0.99,
+        "ema": 0.999,
+        "translate": 2,
+        "flip": True,
+        "noise": 0.15,
+        "eval_batch": 1024,
+        "amp": True,
+    }
+    uses_unlabeled = True
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        #: the last task's networks, kept for inspection (tests, notebooks)
+        self.student: nn.Module | None = None
+        self.teacher: nn.Module | None = None
+
+    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
+        """Train student and teacher on this task, return the teacher's query logits."""
+        require_images(task.kind, self.name)
+        p = self.params
+        device = ctx.device
+        gen = ctx.generator
+        in_channels, size = image_geometry(task.support)
+        if task.n_support == 0:
+            raise ProtocolError(f"{self.name}: the task has no labeled images")
+        student = Classifier(p["arch"], in_channels, size, task.n_way, ctx.seed).to(device)
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        xl_all = task.support.to(device)
+        yl_all = task.support_labels.to(device)
+        use_unl = self.uses_unlabeled and p.get("consistency", 0.0) > 0
+        xu_all = task.unlabeled.to(device) if use_unl else task.unlabeled[:0]
+        use_unl = use_unl and xu_all.shape[0] > 0
+        n_steps = int(p["steps"])
+        ramp = int(p["ramp_fraction"] * n_steps)
+        opt = torch.optim.Adam(student.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, n_steps) / max(n_steps, 1)))
+        )
+
+        def aug(x: torch.Tensor) -> torch.Tensor:
+            return augment_batch(x.float() / 255.0, gen, p["translate"], p["flip"], p["noise"])
+
+        student.train()
+        teacher.train()
+        bar = tqdm(range(n_steps), desc=self.name, unit="step", leave=False, mininterval=2.0)
+        for step in bar:
+            li = torch.randint(0, xl_all.shape[0], (p["labeled_batch"],), generator=gen)
+            xb, yb = xl_all[li.to(device)], yl_all[li.to(device)]
+            if use_unl:
+                ui = torch.randint(0, xu_all.shape[0], (p["unlabeled_batch"],), generator=gen)
+                xb = torch.cat([xb, xu_all[ui.to(device)]])
+            x_student = aug(xb)
+            with autocast(device, p["amp"]):
+                logits = student(x_student).float()
+            loss = F.cross_entropy(logits[: len(yb)], yb)
+            if use_unl:
+                x_teacher = aug(xb)
+                with torch.no_grad(), autocast(device, p["amp"]):
+                    target = torch.softmax(teacher(x_teacher).float(), dim=-1)
+                cons = (torch.softmax(logits, dim=-1) - target).pow(2).sum(-1).mean()
+                loss = loss + p["consistency"] * sigmoid_rampup(step, ramp) * cons
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            decay = p["ema_ramp"] if step < ramp else p["ema"]
+            ema_update(teacher, student, min(decay, 1.0 - 1.0 / (step + 2)))
+            if (step + 1) % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        self.student, self.teacher = student.eval(), teacher.eval()
+        outs = []
+        with torch.no_grad(), autocast(device, p["amp"]):
+            for i in range(0, task.query.shape[0], p["eval_batch"]):
+                outs.append(teacher(task.query[i : i + p["eval_batch"]].to(device)).float())
+        return torch.cat(outs).cpu()
+
+
+@register_method("supervised")
+class Supervised(MeanTeacher):
+    """Mean Teacher's network and training on the labeled images only (no unlabeled data,
+    no consistency cost); predicts with the weight-averaged network like Mean Teacher."""
+
+    setting = "inductive"
+    defaults = {
+        k: v for k, v in MeanTeacher.defaults.items() if k not in ("consistency", "unlabeled_batch")
+    }
+    uses_unlabeled = False
