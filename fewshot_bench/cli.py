@@ -194,6 +194,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from fewshot_bench.report import write_leaderboards
+    from fewshot_bench.report.cards import reported_by_protocol
     from fewshot_bench.run.store import load_results
     from fewshot_bench.tasks.protocol import resolve_protocols
 
@@ -206,7 +207,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         )
     df["family"] = df["protocol"].map({p.name: p.family for p in protos})
     present = [n for n in names if n in set(df["protocol"])]
-    for path in write_leaderboards(df, args.out, present):
+    reported = reported_by_protocol(present)  # paper numbers from the run cards in baselines/
+    for path in write_leaderboards(df, args.out, present, reported=reported):
         print(f"wrote {path}")
     return 0
 
