@@ -176,6 +176,13 @@ def test_maml_inner_loop_and_first_vs_second_order_gradients():
         assert all(torch.isfinite(t).all() for t in g)
         grads[order] = torch.cat([t.flatten() for t in g])
     assert not torch.allclose(grads["first"], grads["second"], rtol=1e-3, atol=1e-6)
+    # first order = the query-loss gradient at the adapted weights, taken as independent leaves
+    fast = inner_adapt(net, params, xs, ys, steps=1, lr=0.4, create_graph=False)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+    manual = torch.autograd.grad(
+        F.cross_entropy(adapted_logits(net, leaves, xs, xq), yq), list(leaves.values())
+    )
+    assert torch.allclose(grads["first"], torch.cat([t.flatten() for t in manual]), atol=1e-6)
     # queries are normalised with the support's batch statistics only: inductive
     other_q = torch.cat([xq[:1], torch.full_like(xq[1:], 255)])
     la = adapted_logits(net, params, xs, xq)[:1]
