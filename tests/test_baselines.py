@@ -77,6 +77,7 @@ def test_methods_registered():
         "masked-soft-kmeans": "semi-supervised",
         "mean-teacher": "semi-supervised",
         "supervised": "inductive",
+        "finetune": "inductive",
     }
     for name, setting in expected.items():
         assert methods[name].consumes == "images"
@@ -303,6 +304,33 @@ def test_mean_teacher_runs_and_teacher_differs_from_student(fashion_task):
     blank = Task(task.support, task.support_labels, task.unlabeled[:0], task.query, 10, "images")
     b = get_method("supervised")(steps=2, labeled_batch=8).predict(blank, TaskContext.create(3))
     assert torch.equal(a, b)
+
+
+def test_finetune_starts_from_the_checkpoint_backbone(fashion_task, tmp_path):
+    from fewshot_bench.backbones.checkpoint import save_checkpoint
+    from fewshot_bench.methods.episodic import seeded_backbone
+
+    task, _ = fashion_task
+    with pytest.raises(ProtocolError, match="init=PATH"):
+        get_method("finetune")()
+    pretrained = seeded_backbone("conv4", 1, 28, 123, torch.device("cpu"))
+    state = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    ckpt = {"arch": "conv4", "in_channels": 1, "image_size": 28, "objective": "instance"}
+    path = save_checkpoint({**ckpt, "state_dict": state}, tmp_path / "b.pt")
+    m = get_method("finetune")(init=str(path), steps=0)
+    net = m.build_network(1, 28, 10, seed=0)
+    assert all(torch.equal(v, net.backbone.state_dict()[k]) for k, v in state.items())
+    scratch = get_method("supervised")().build_network(1, 28, 10, seed=0)
+    assert not torch.equal(
+        scratch.backbone.state_dict()["encoder.0.0.weight"], state["encoder.0.0.weight"]
+    )
+    scores = get_method("finetune")(init=str(path), steps=3, labeled_batch=8).predict(
+        task, TaskContext.create(0)
+    )
+    assert scores.shape == (100, 10) and torch.isfinite(scores).all()
+    wrong = save_checkpoint({**ckpt, "image_size": 32, "state_dict": state}, tmp_path / "c.pt")
+    with pytest.raises(ProtocolError, match="32px"):
+        get_method("finetune")(init=str(wrong), steps=1).predict(task, TaskContext.create(0))
 
 
 def test_augment_batch_and_rampup():

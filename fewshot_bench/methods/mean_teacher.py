@@ -17,6 +17,9 @@ logits on the queries:
 - augmentations on batched tensors: random translation by up to ``translate`` pixels (reflect
   padding + crop), horizontal flip (``flip``), additive Gaussian noise of std ``noise``.
 
+``init=PATH`` starts the backbone from a checkpoint of ``fsbench pretrain`` instead of random
+weights; ``finetune`` is ``supervised`` with such a checkpoint required.
+
 Defaults are small enough for a CPU (Conv-4, 500 steps); the paper's CIFAR-10 runs use a
 13-layer ConvNet or ResNet for far longer (pass ``arch=wrn-28-2,steps=...`` on a GPU).
 """
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fewshot_bench.backbones.checkpoint import load_checkpoint
 from fewshot_bench.errors import ProtocolError
 from fewshot_bench.methods.base import Method, TaskContext
 from fewshot_bench.methods.episodic import (
@@ -128,6 +132,7 @@ class MeanTeacher(Method):
         "noise": 0.15,
         "eval_batch": 1024,
         "amp": True,
+        "init": "",
     }
     uses_unlabeled = True
 
@@ -136,6 +141,24 @@ class MeanTeacher(Method):
         #: the last task's networks, kept for inspection (tests, notebooks)
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None
+
+    def build_network(self, in_channels: int, image_size: int, n_way: int, seed: int) -> Classifier:
+        """A fresh backbone + head; with ``init=PATH`` the backbone starts from a pretraining
+        checkpoint (``fsbench pretrain``) instead of random weights."""
+        init = self.params["init"]
+        if not init:
+            return Classifier(self.params["arch"], in_channels, image_size, n_way, seed)
+        ckpt = load_checkpoint(init)
+        geometry = (int(ckpt["in_channels"]), int(ckpt["image_size"]))
+        if geometry != (in_channels, image_size):
+            raise ProtocolError(
+                f"{self.name}: checkpoint {init} was trained on {geometry[0]}-channel "
+                f"{geometry[1]}px images but the task has {in_channels}-channel {image_size}px "
+                "images; pretrain on the protocol's dataset (fsbench pretrain --image-size ...)"
+            )
+        net = Classifier(ckpt["arch"], in_channels, image_size, n_way, seed)
+        net.backbone.load_state_dict(ckpt["state_dict"])
+        return net
 
     def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         """Train student and teacher on this task, return the teacher's query logits."""
@@ -146,7 +169,7 @@ class MeanTeacher(Method):
         in_channels, size = image_geometry(task.support)
         if task.n_support == 0:
             raise ProtocolError(f"{self.name}: the task has no labeled images")
-        student = Classifier(p["arch"], in_channels, size, task.n_way, ctx.seed).to(device)
+        student = self.build_network(in_channels, size, task.n_way, ctx.seed).to(device)
         teacher = copy.deepcopy(student).requires_grad_(False)
         xl_all = task.support.to(device)
         yl_all = task.support_labels.to(device)
@@ -209,3 +232,18 @@ class Supervised(MeanTeacher):
         k: v for k, v in MeanTeacher.defaults.items() if k not in ("consistency", "unlabeled_batch")
     }
     uses_unlabeled = False
+
+
+@register_method("finetune")
+class Finetune(Supervised):
+    """The supervised baseline started from a pretrained backbone (``init=PATH``, a checkpoint of
+    ``fsbench pretrain``, e.g. instance discrimination on the unlabeled images): the
+    "fine-tune" row of semi-supervised tables."""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if not self.params["init"]:
+            raise ProtocolError(
+                "finetune needs the backbone to start from: -m finetune:init=PATH with a "
+                "checkpoint written by `fsbench pretrain --out PATH`"
+            )
