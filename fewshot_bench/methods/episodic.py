@@ -1,5 +1,6 @@
 """Shared helpers of the image-consuming baselines: episode sampling on base classes, seeded
-network construction, prototypes and distances, chunked embedding, learning-rate schedule.
+network construction, prototypes and distances, chunked embedding, learning-rate schedule and
+the running training log.
 
 Episodes drawn here are for *training* on a ``FitSource`` (base classes); evaluation tasks come
 from the protocol's frozen manifest, never from this sampler.
@@ -8,6 +9,7 @@ from the protocol's frozen manifest, never from this sampler.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +197,38 @@ def step_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, every: 
         group["lr"] = lr
 
 
+class TrainingLog:
+    """Mean loss and accuracy over windows of ``every`` steps: each window is appended to
+    ``entries`` (a method's ``train_log``) as ``{step, loss, acc, seconds}`` and shown on ``bar``."""
+
+    def __init__(self, entries: list[dict[str, float]], bar: Any, every: int) -> None:
+        self.entries, self.bar, self.every = entries, bar, every
+        self.start = time.perf_counter()
+        self._loss = self._acc = 0.0
+        self._n = 0
+
+    def update(self, step: int, n_steps: int, loss: float, acc: float) -> None:
+        """Record step ``step`` (0-based) of ``n_steps``; closes a window every ``every`` steps
+        and at the last step."""
+        self._loss += loss
+        self._acc += acc
+        self._n += 1
+        if (step + 1) % self.every and step + 1 != n_steps:
+            return
+        mean_loss, mean_acc = self._loss / self._n, self._acc / self._n
+        self.entries.append(
+            {
+                "step": step + 1,
+                "loss": mean_loss,
+                "acc": mean_acc,
+                "seconds": time.perf_counter() - self.start,
+            }
+        )
+        self.bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * mean_acc:.1f}%")
+        self._loss = self._acc = 0.0
+        self._n = 0
+
+
 def resolve_steps(budget: int | None, steps: int) -> int:
     """The number of training steps: the runner's ``budget`` when given, else the ``steps`` param."""
     n = steps if budget is None else budget
@@ -215,6 +249,11 @@ def group_by_shape(tasks: list[Any]) -> list[list[int]]:
     """Indices of tasks grouped by (support, unlabeled, query shapes, n_way) for batching."""
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tasks):
-        key = (tuple(t.support.shape), tuple(t.unlabeled.shape), tuple(t.query.shape), t.n_way)
+        key = (
+            tuple(t.support.shape),
+            tuple(t.unlabeled.shape),
+            tuple(t.query.shape),
+            t.n_way,
+        )
         groups.setdefault(key, []).append(i)
     return list(groups.values())

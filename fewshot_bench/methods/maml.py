@@ -21,7 +21,6 @@ Finn's settings: Omniglot 5-way ``inner_lr=0.4``, 1 step in training, 3 at test,
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +34,7 @@ from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods.base import FitSource, Method, TaskContext
 from fewshot_bench.methods.episodic import (
     EpisodeSampler,
+    TrainingLog,
     image_geometry,
     load_state_file,
     require_images,
@@ -180,7 +180,10 @@ class MAML(Method):
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
-        if (state.get("arch"), state.get("n_way")) != (self.params["arch"], self.params["n_way"]):
+        if (state.get("arch"), state.get("n_way")) != (
+            self.params["arch"],
+            self.params["n_way"],
+        ):
             raise FsbenchError(
                 f"{self.name}: saved state is for {state.get('arch')!r} {state.get('n_way')}-way, "
                 f"this method is {self.params['arch']!r} {self.params['n_way']}-way"
@@ -211,15 +214,20 @@ class MAML(Method):
         data = source.data.to(device)
         net = self.net.train()
         opt = torch.optim.Adam(net.parameters(), lr=p["meta_lr"])
-        way, shot, nq, batch = p["n_way"], p["k_shot"], p["train_query"], p["meta_batch"]
+        way, shot, nq, batch = (
+            p["n_way"],
+            p["k_shot"],
+            p["train_query"],
+            p["meta_batch"],
+        )
         second_order = not p["first_order"]
-        start = time.perf_counter()
-        run_loss = run_acc = 0.0
         bar = tqdm(range(n_steps), desc=f"fit {self.name}", unit="step", mininterval=2.0)
+        log = TrainingLog(self.train_log, bar, every=20)
         for step in bar:
             step_lr(opt, p["meta_lr"], step, p["lr_decay_every"])
             opt.zero_grad(set_to_none=True)
             params = dict(net.named_parameters())
+            step_loss = step_acc = 0.0
             for _ in range(batch):
                 ep = sampler.sample(way, shot, nq, ctx.generator)
                 xs = data[ep.support.to(device)]
@@ -231,21 +239,10 @@ class MAML(Method):
                 logits = adapted_logits(net, fast, xs, xq)
                 loss = F.cross_entropy(logits, yq)
                 (loss / batch).backward()
-                run_loss += loss.item() / batch
-                run_acc += (logits.argmax(1) == yq).float().mean().item() / batch
+                step_loss += loss.item() / batch
+                step_acc += (logits.argmax(1) == yq).float().mean().item() / batch
             opt.step()
-            if (step + 1) % 20 == 0 or step + 1 == n_steps:
-                k = (step % 20) + 1
-                self.train_log.append(
-                    {
-                        "step": step + 1,
-                        "loss": run_loss / k,
-                        "acc": run_acc / k,
-                        "seconds": time.perf_counter() - start,
-                    }
-                )
-                bar.set_postfix(loss=f"{run_loss / k:.3f}", acc=f"{100 * run_acc / k:.1f}%")
-                run_loss = run_acc = 0.0
+            log.update(step, n_steps, step_loss, step_acc)
         bar.close()
 
     def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
@@ -268,7 +265,13 @@ class MAML(Method):
         ys = task.support_labels.to(device)
         with torch.enable_grad():
             fast = inner_adapt(
-                net, params, xs, ys, self.params["test_inner_steps"], self.params["inner_lr"], False
+                net,
+                params,
+                xs,
+                ys,
+                self.params["test_inner_steps"],
+                self.params["inner_lr"],
+                False,
             )
         with torch.no_grad():
             return adapted_logits(net, fast, xs, xq).float().cpu()

@@ -15,7 +15,6 @@ it is used as is), ``amp`` (bfloat16 autocast, CUDA only).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods.base import FitSource, Method, TaskContext
 from fewshot_bench.methods.episodic import (
     EpisodeSampler,
+    TrainingLog,
     autocast,
     embed,
     group_by_shape,
@@ -171,9 +171,8 @@ class ProtoNet(Method):
         opt = torch.optim.Adam(self._trainable(), lr=p["lr"])
         self.backbone.train()
         way, shot, nq = p["train_way"], p["train_shot"], p["train_query"]
-        start = time.perf_counter()
-        run_loss = run_acc = 0.0
         bar = tqdm(range(n_steps), desc=f"fit {self.name}", unit="step", mininterval=2.0)
+        log = TrainingLog(self.train_log, bar, every=50)
         for step in bar:
             step_lr(opt, p["lr"], step, p["lr_decay_every"])
             ep = sampler.sample(way, shot, nq, ctx.generator, n_unl, n_dis)
@@ -193,20 +192,8 @@ class ProtoNet(Method):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            run_loss += loss.item()
-            run_acc += (logits.argmax(1) == target).float().mean().item()
-            if (step + 1) % 50 == 0 or step + 1 == n_steps:
-                k = (step % 50) + 1
-                self.train_log.append(
-                    {
-                        "step": step + 1,
-                        "loss": run_loss / k,
-                        "acc": run_acc / k,
-                        "seconds": time.perf_counter() - start,
-                    }
-                )
-                bar.set_postfix(loss=f"{run_loss / k:.3f}", acc=f"{100 * run_acc / k:.1f}%")
-                run_loss = run_acc = 0.0
+            acc = (logits.argmax(1) == target).float().mean().item()
+            log.update(step, n_steps, loss.item(), acc)
         bar.close()
         self.backbone.eval()
 
@@ -231,7 +218,11 @@ class ProtoNet(Method):
         out: list[torch.Tensor | None] = [None] * len(tasks)
         for group in group_by_shape(tasks):
             batch = [tasks[i] for i in group]
-            ns, nu, nq = batch[0].n_support, batch[0].unlabeled.shape[0], batch[0].query.shape[0]
+            ns, nu, nq = (
+                batch[0].n_support,
+                batch[0].unlabeled.shape[0],
+                batch[0].query.shape[0],
+            )
             if not self.uses_unlabeled:
                 nu = 0
             parts = [torch.cat([t.support, t.unlabeled[:nu], t.query]) for t in batch]
@@ -240,7 +231,11 @@ class ProtoNet(Method):
             labels = torch.stack([t.support_labels for t in batch]).to(device)
             with torch.no_grad():
                 scores = self.scores(
-                    emb[:, :ns], labels, emb[:, ns : ns + nu], emb[:, ns + nu :], batch[0].n_way
+                    emb[:, :ns],
+                    labels,
+                    emb[:, ns : ns + nu],
+                    emb[:, ns + nu :],
+                    batch[0].n_way,
                 )
             for j, i in enumerate(group):
                 out[i] = scores[j].float().cpu()
