@@ -177,6 +177,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_families() -> dict[str, str]:
+    """Protocol name → family, from the protocol files (empty when they cannot be read)."""
+    from fewshot_bench.tasks.protocol import all_protocols
+
+    try:
+        return {name: p.family for name, p in all_protocols().items()}
+    except FsbenchError:
+        return {}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fewshot_bench.report import summarise, to_csv, to_latex, to_markdown
     from fewshot_bench.run.store import load_results
@@ -186,6 +196,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise FsbenchError(
             f"no results in {args.workdir / 'results.sqlite'} for {args.protocol or 'any protocol'}"
         )
+    # rows by family, then label count / shots, then accuracy (see summarise)
+    df["family"] = df["protocol"].map(_known_families())
     table = summarise(df)
     render = {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}[args.format]
     print(render(table))
@@ -193,22 +205,40 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from fewshot_bench.report import write_leaderboards
+    from fewshot_bench.report import write_all, write_family, write_leaderboards
     from fewshot_bench.report.cards import reported_by_protocol
     from fewshot_bench.run.store import load_results
     from fewshot_bench.tasks.protocol import resolve_protocols
 
-    protos = resolve_protocols(args.protocol)
-    names = [p.name for p in protos]
-    df = load_results(args.workdir / "results.sqlite", names)
-    if df.empty:
-        raise FsbenchError(
-            f"no results for {args.protocol} in {args.workdir / 'results.sqlite'}; run it first"
-        )
-    df["family"] = df["protocol"].map({p.name: p.family for p in protos})
-    present = [n for n in names if n in set(df["protocol"])]
-    reported = reported_by_protocol(present)  # paper numbers from the run cards in baselines/
-    for path in write_leaderboards(df, args.out, present, reported=reported):
+    store = args.workdir / "results.sqlite"
+    if args.all == bool(args.protocol):
+        raise FsbenchError("give a protocol or family name, or --all (not both)")
+    if args.all:
+        df = load_results(store)
+        if df.empty:
+            raise FsbenchError(f"no results in {store}; run something first")
+        known = _known_families()
+        df["family"] = df["protocol"].map(known)
+        reported = reported_by_protocol(sorted(set(known) | set(df["protocol"])))
+        paths = write_all(df, args.out, reported, data_root=args.data_root)
+    else:
+        protos = resolve_protocols(args.protocol)
+        names = [p.name for p in protos]
+        df = load_results(store, names)
+        if df.empty:
+            raise FsbenchError(f"no results for {args.protocol} in {store}; run it first")
+        df["family"] = df["protocol"].map({p.name: p.family for p in protos})
+        present = [n for n in names if n in set(df["protocol"])]
+        # paper numbers from the run cards in baselines/ (all of the family's protocols)
+        reported = reported_by_protocol(names)
+        fams = {p.family for p in protos if p.name in present}
+        if len(present) > 1 and len(fams) == 1:
+            paths = write_family(df, fams.pop(), args.out, reported, data_root=args.data_root)
+        else:
+            paths = write_leaderboards(
+                df, args.out, present, reported=reported, data_root=args.data_root
+            )
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -297,7 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "leaderboard", help="write Markdown/CSV/LaTeX tables and plots for a protocol"
     )
-    p.add_argument("protocol", help="protocol or family name")
+    p.add_argument(
+        "protocol",
+        nargs="?",
+        help="protocol or family name (a family of several protocols also gets a family page)",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="pages for every protocol family in the results store, and index.md linking them",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="data root checked to say which copy of a dataset was read, e.g. CIFAR-10's JPEG "
+        "copy (default: $FSBENCH_DATA or ~/.cache/fewshot-bench/data)",
+    )
     p.add_argument(
         "--out",
         type=Path,

@@ -198,6 +198,31 @@ def test_summarise(episodic_df):
     assert proto["seconds"] == pytest.approx(0.5)
 
 
+def test_summarise_orders_sweeps_by_budget(episodic_df):
+    # label counts that sort wrongly as text (100 < 1000 < 2000 < 250 < 50)
+    rows = []
+    for n in (1000, 50, 2000, 250, 100):
+        for method, base in [("lp", 0.7), ("lr", 0.6), ("mt", 0.8 if n == 250 else 0.5)]:
+            rows += [
+                _row(f"cifar10-{n}", method, s, 0, base + 0.01 * s, x_value=float(n),
+                     x_label="labels", setting="semi-supervised")
+                for s in range(3)
+            ]  # fmt: skip
+    df = pd.concat([pd.DataFrame(rows), episodic_df], ignore_index=True)
+    s = summarise(df)
+    sweep = s[s.protocol.str.startswith("cifar10-")]
+    protos = list(dict.fromkeys(sweep["protocol"]))
+    assert protos == ["cifar10-50", "cifar10-100", "cifar10-250", "cifar10-1000", "cifar10-2000"]
+    assert list(sweep[sweep.protocol == "cifar10-250"]["method"]) == ["mt", "lp", "lr"]
+    assert list(sweep[sweep.protocol == "cifar10-50"]["method"]) == ["lp", "lr", "mt"]
+    # families first ("cifar10" < "mini"), each family contiguous, accuracy descending inside
+    assert list(s["protocol"].iloc[-3:]) == ["mini-5way-1shot"] * 3
+    assert s[s.protocol == "mini-5way-1shot"]["accuracy"].is_monotonic_decreasing
+    # a "family" column (as the CLI sets from the protocol files) takes precedence over names
+    fam = df.assign(family=np.where(df.protocol == "mini-5way-1shot", "a-first", "z-last"))
+    assert summarise(fam)["protocol"].iloc[0] == "mini-5way-1shot"
+
+
 def test_prepare_duplicates_and_missing_columns():
     rows = [
         _row("p", "A", 0, 0, 0.3, timestamp="2024-01-01"),

@@ -7,12 +7,20 @@ See :mod:`fewshot_bench.report.stats` for how intervals are computed.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from fewshot_bench.atomic import write_text_atomic
+from fewshot_bench.report.family import (
+    best_at_largest,
+    family_protocols,
+    family_summary,
+    write_family_page,
+)
+from fewshot_bench.report.notes import dataset_note
 from fewshot_bench.report.plots import (
     axis_label,
     curve_table,
@@ -32,10 +40,12 @@ from fewshot_bench.report.stats import (
 )
 from fewshot_bench.report.tables import (
     Reported,
+    _fmt_mean_ci,
     comparison_matrix,
     comparison_table,
     latex_escape,
     leaderboard,
+    markdown_table,
     summarise,
     to_csv,
     to_latex,
@@ -47,11 +57,15 @@ __all__ = [
     "PairedResult",
     "ReportError",
     "Reported",
+    "PageLine",
     "aggregate",
     "comparison_matrix",
     "comparison_table",
     "curve_table",
+    "dataset_note",
     "families",
+    "family_protocols",
+    "family_summary",
     "format_p",
     "latex_escape",
     "leaderboard",
@@ -65,6 +79,10 @@ __all__ = [
     "to_latex",
     "to_markdown",
     "safe_name",
+    "write_all",
+    "write_family",
+    "write_family_page",
+    "write_index",
     "write_leaderboard",
     "write_leaderboards",
 ]
@@ -92,12 +110,18 @@ def write_leaderboard(
     reported: Reported | None = None,
     *,
     family: str | None = None,
+    note: str | None = None,
+    data_root: str | Path | None = None,
+    plot: bool = True,
+    family_page: str | None = None,
 ) -> list[Path]:
     """Write ``<protocol>.md``, ``.csv`` and ``.tex`` (and ``.png``) into ``out_dir``; return paths.
 
     The PNG (accuracy vs ``x_value`` of the protocol's whole family, e.g. all label counts of
-    CIFAR-10) is written when ``x_value`` takes more than one value in that family. ``family``
-    overrides :func:`protocol_family`. Other files in ``out_dir`` are left untouched.
+    CIFAR-10) is written when ``plot`` and ``x_value`` takes more than one value in that family.
+    ``family`` overrides :func:`protocol_family`. ``note``: the dataset line (default:
+    :func:`dataset_note`); ``family_page``: a family page file to link to. Other files in
+    ``out_dir`` are left untouched.
     """
     data = prepare(df)
     board = leaderboard(data, protocol, reported)
@@ -112,11 +136,18 @@ def write_leaderboard(
     paths: list[Path] = []
     png: Path | None = None
     fam_rows = data[(fam_of_rows == fam) | (data["protocol"] == protocol)]
-    if fam_rows["x_value"].dropna().nunique() > 1:
+    if plot and fam_rows["x_value"].dropna().nunique() > 1:
         title = None if family is None else f"{family}: accuracy vs {axis_label(fam_rows)}"
         png = plot_accuracy_curve(fam_rows, out / f"{stem}.png", title=title)
 
-    md = [f"# {protocol}", "", f"Setting: {settings}. {len(rows)} task results.", ""]
+    if note is None:
+        note = dataset_note(protocol, data_root)
+    md = [f"# {protocol}", ""]
+    if note:
+        md += [note, ""]
+    md += [f"Setting: {settings}. {len(rows)} task results.", ""]
+    if family_page:
+        md += [f"Family page (all budgets): [{Path(family_page).stem}]({family_page})", ""]
     md += [to_markdown(board).rstrip("\n"), "", CI_NOTE, ""]
     if len(board) > 1:
         pairs = comparison_table(data, protocol)
@@ -146,7 +177,9 @@ def write_leaderboards(
     df: pd.DataFrame,
     out_dir: str | Path,
     protocols: Sequence[str] | None = None,
-    reported: dict[str, Reported] | None = None,
+    reported: Mapping[str, Reported] | None = None,
+    *,
+    data_root: str | Path | None = None,
 ) -> list[Path]:
     """:func:`write_leaderboard` for each protocol (all with results by default);
     ``reported`` maps protocol → that protocol's reported numbers."""
@@ -154,5 +187,128 @@ def write_leaderboards(
     names = list(protocols) if protocols is not None else sorted(data["protocol"].unique())
     paths: list[Path] = []
     for p in names:
-        paths += write_leaderboard(data, p, out_dir, (reported or {}).get(p))
+        paths += write_leaderboard(data, p, out_dir, (reported or {}).get(p), data_root=data_root)
+    return paths
+
+
+def _family_stem(family: str, protocols: Sequence[str]) -> str:
+    stem = safe_name(family)
+    return f"{stem}-family" if stem in {safe_name(p) for p in protocols} else stem
+
+
+def write_family(
+    df: pd.DataFrame,
+    family: str,
+    out_dir: str | Path,
+    reported: Mapping[str, Reported] | None = None,
+    *,
+    data_root: str | Path | None = None,
+) -> list[Path]:
+    """Pages for a protocol family: one page per protocol, plus, when the family has more than
+    one protocol with results, the family page (:func:`write_family_page`) they link to."""
+    data = prepare(df)
+    protos = family_protocols(data, family)
+    if not protos:
+        known = sorted(set(families(data)))
+        raise ReportError(f"no results for family {family!r}; families with results: {known}")
+    rep = reported or {}
+    if len(protos) == 1:
+        return write_leaderboard(
+            data, protos[0], out_dir, rep.get(protos[0]), family=family, data_root=data_root
+        )
+    stem = _family_stem(family, protos)
+    paths: list[Path] = []
+    links = []
+    for p in protos:
+        written = write_leaderboard(
+            data,
+            p,
+            out_dir,
+            rep.get(p),
+            family=family,
+            data_root=data_root,
+            plot=False,
+            family_page=f"{stem}.md",
+        )
+        links.append(written[0].name)
+        paths += written
+    note = dataset_note(protos, data_root)
+    page = write_family_page(
+        data, family, out_dir, rep, note=note, stem=stem, links=links, ci_note=CI_NOTE
+    )
+    return page + paths
+
+
+@dataclass(frozen=True)
+class PageLine:
+    """One line of ``index.md``: a page, its protocols and its best entry."""
+
+    family: str
+    page: str
+    n_protocols: int
+    best: str
+    where: str
+    accuracy: float
+    ci95: float
+
+
+def _page_line(data: pd.DataFrame, family: str) -> PageLine:
+    protos = family_protocols(data, family)
+    if len(protos) > 1:
+        entry, where, acc, hw = best_at_largest(data, family)
+        page = f"{_family_stem(family, protos)}.md"
+        return PageLine(family, page, len(protos), entry, where, acc, hw)
+    board = leaderboard(data, protos[0])
+    top = board.iloc[0]
+    page = f"{safe_name(protos[0])}.md"
+    return PageLine(family, page, 1, str(top["entry"]), protos[0], top["accuracy"], top["ci95"])
+
+
+def write_index(lines: Sequence[PageLine], out_dir: str | Path) -> Path:
+    """``index.md``: one table row per page (family, best entry and its accuracy)."""
+    rows = []
+    for ln in lines:
+        acc = _fmt_mean_ci(ln.accuracy, ln.ci95, 2)
+        rows.append(
+            {
+                "Page": f"[{ln.family}]({ln.page})",
+                "Protocols": str(ln.n_protocols),
+                "Best entry": ln.best,
+                "At": ln.where,
+                "Accuracy (%)": acc,
+            }
+        )
+    shown = pd.DataFrame(rows, columns=["Page", "Protocols", "Best entry", "At", "Accuracy (%)"])
+    text = "\n".join(
+        [
+            "# Leaderboards",
+            "",
+            "One line per protocol family; for sweeps the best entry is the one at the largest "
+            "budget. Accuracy is the mean ± 95% CI measured here.",
+            "",
+            markdown_table(shown, [False, True, False, False, True]).rstrip("\n"),
+        ]
+    )
+    path = Path(out_dir) / "index.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text + "\n")
+    return path
+
+
+def write_all(
+    df: pd.DataFrame,
+    out_dir: str | Path,
+    reported: Mapping[str, Reported] | None = None,
+    *,
+    data_root: str | Path | None = None,
+) -> list[Path]:
+    """:func:`write_family` for every protocol family with results, then ``index.md`` (last)."""
+    data = prepare(df)
+    fams = families(data)
+    paths: list[Path] = []
+    lines = []
+    for family in sorted(set(fams)):
+        paths += write_family(data, family, out_dir, reported, data_root=data_root)
+        lines.append(_page_line(data, family))
+    paths.append(write_index(lines, out_dir))
     return paths

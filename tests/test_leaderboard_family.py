@@ -1,0 +1,305 @@
+"""Family pages, dataset notes, `fsbench leaderboard --all` and `fsbench report` ordering."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fewshot_bench.cli import main
+from fewshot_bench.report import (
+    dataset_note,
+    family_summary,
+    mean_ci,
+    write_family,
+    write_leaderboard,
+)
+from fewshot_bench.run.store import ResultRow, ResultsStore
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAMILY = "fashion-mnist-ssl"
+BUDGETS = (50, 250, 1000)
+# (method, config, setting, backbone, accuracy at 50 / 250 / 1000 labels; None = not run)
+ENTRIES = [
+    ("lr", "cfg-lr-000000", "inductive", "pixels", (0.60, 0.70, 0.80)),
+    ("lp", "cfg-lp-aaaaaa", "semi-supervised", "pixels", (0.65, 0.72, 0.90)),
+    ("lp", "cfg-lp-bbbbbb", "semi-supervised", "conv4", (0.50, 0.55, 0.60)),
+    ("mt", "cfg-mt-000000", "semi-supervised", "images", (0.70, 0.75, None)),
+]
+SEED_NOISE = (-0.01, 0.0, 0.02)
+CARD = """
+method = "mt"
+title = "Mean Teacher"
+paper = "Tarvainen & Valpola 2017"
+
+[protocols.fashion-mnist-ssl-250]
+reported = 81.5
+source = "Someone et al. 2019, Table 3 (Fashion-MNIST, 250 labels)"
+"""
+
+
+def _sweep_rows() -> list[dict]:
+    rows = []
+    for method, cfg, setting, backbone, accs in ENTRIES:
+        for n, acc in zip(BUDGETS, accs, strict=True):
+            if acc is None:
+                continue
+            for seed, noise in enumerate(SEED_NOISE):
+                rows.append(
+                    {
+                        "protocol": f"{FAMILY}-{n}",
+                        "protocol_hash": "h",
+                        "method": method,
+                        "config_hash": cfg,
+                        "setting": setting,
+                        "backbone": backbone,
+                        "seed": seed,
+                        "task_index": 0,
+                        "accuracy": acc + noise,
+                        "top5": None,
+                        "n_query": 100,
+                        "seconds": n / 100 + seed,
+                        "device": "cpu",
+                        "x_value": float(n),
+                        "x_label": "labels",
+                        "config": "{}",
+                        "timestamp": "2024-05-01T00:00:00",
+                    }
+                )
+    return rows
+
+
+@pytest.fixture()
+def sweep_df() -> pd.DataFrame:
+    return pd.DataFrame(_sweep_rows()).assign(family=FAMILY)
+
+
+REPORTED = {f"{FAMILY}-250": {"mt": (81.5, "Someone et al. 2019, Table 3")}}
+
+
+def _table_rows(md: str, heading: str) -> list[list[str]]:
+    """Header and body cells of the first Markdown table after ``heading``."""
+    lines = md.split(heading, 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    block = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        block.append([c.strip() for c in ln.strip("|").split(" | ")])
+    return [block[0], *block[2:]]
+
+
+def test_family_summary_long(sweep_df):
+    long = family_summary(sweep_df, FAMILY, REPORTED)
+    measured = long[long.kind == "measured"]
+    assert len(measured) == 11 and list(dict.fromkeys(measured.x_value)) == [50.0, 250.0, 1000.0]
+    assert set(measured.entry) == {"lr", "lp [cfg-lp-a]", "lp [cfg-lp-b]", "mt"}
+    cell = measured[(measured.protocol == f"{FAMILY}-250") & (measured.method == "lr")].iloc[0]
+    ci = mean_ci([0.70 + e for e in SEED_NOISE], method="t")  # Student-t over the 3 seeds
+    assert cell.accuracy == pytest.approx(ci.mean * 100)
+    assert cell.ci95 == pytest.approx(ci.half_width * 100)
+    assert cell.ci_over == "3 seeds (t)" and cell.n_seeds == 3
+    rep = long[long.kind == "reported"]
+    assert len(rep) == 1 and rep.iloc[0].accuracy == 81.5 and rep.iloc[0].x_value == 250.0
+    other = {"omniglot-5w1s": {"protonet": 98.8}, **REPORTED}  # another family's number: left out
+    assert len(family_summary(sweep_df, FAMILY, other).query("kind == 'reported'")) == 1
+
+
+def test_write_family_pages(tmp_path, sweep_df):
+    paths = write_family(sweep_df, FAMILY, tmp_path, REPORTED)
+    names = [p.name for p in paths]
+    assert names[:4] == [f"{FAMILY}.md", f"{FAMILY}.csv", f"{FAMILY}.tex", f"{FAMILY}.png"]
+    for n in BUDGETS:  # one page per budget as well, without its own copy of the plot
+        assert {f"{FAMILY}-{n}.md", f"{FAMILY}-{n}.csv", f"{FAMILY}-{n}.tex"} <= set(names)
+        assert f"{FAMILY}-{n}.png" not in names
+        assert f"({FAMILY}.md)" in (tmp_path / f"{FAMILY}-{n}.md").read_text()
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    assert (tmp_path / f"{FAMILY}.png").read_bytes()[:8] == PNG_MAGIC
+
+    md = (tmp_path / f"{FAMILY}.md").read_text()
+    assert md.startswith(f"# {FAMILY}\n\nDataset: fashion-mnist (")
+    assert "(50, 250, 1000 labels)" in md and "query test" in md
+    table = _table_rows(md, "## Accuracy (%) by labels")
+    header = table[0]
+    assert header[:4] == ["Method", "Setting", "Backbone", "Seeds"]
+    assert header[4:] == ["50 labels", "250 labels", "1000 labels", "s / task (all)"]
+    # ordered by accuracy at 1000 labels; mt (not run at 1000) last
+    assert [r[0] for r in table[1:]] == ["lp [cfg-lp-a]", "lr", "lp [cfg-lp-b]", "mt"]
+    lr = table[2]
+    ci = mean_ci([0.70 + e for e in SEED_NOISE], method="t")
+    assert lr[1:4] == ["inductive", "pixels", "3"]
+    assert lr[5] == f"{ci.mean * 100:.2f} ± {ci.half_width * 100:.2f}"
+    assert table[3][2] == "conv4"
+    assert table[4][6] == "—"  # mt at 1000 labels
+    assert lr[7] == f"{np.mean([n / 100 + s for n in BUDGETS for s in range(3)]):.3f}"
+
+    rep = _table_rows(md, "## Reported in papers (not measured here)")
+    assert rep[0] == ["Method", "labels", "Reported (%)", "Measured here (%)", "Source"]
+    mt_ci = mean_ci([0.75 + e for e in SEED_NOISE], method="t")
+    mt_cell = f"{mt_ci.mean * 100:.2f} ± {mt_ci.half_width * 100:.2f}"
+    assert rep[1] == ["mt", "250", "81.50", mt_cell, "Someone et al. 2019, Table 3"]
+    secs = _table_rows(md, "## Seconds per task by labels")
+    assert secs[0][4:] == ["50 labels", "250 labels", "1000 labels"]
+    assert secs[2][4:] == ["1.500", "3.500", "11.000"]  # lr: mean over seeds of n/100 + seed
+    assert f"![accuracy vs labels]({FAMILY}.png)" in md
+
+    back = pd.read_csv(tmp_path / f"{FAMILY}.csv")
+    assert pd.api.types.is_float_dtype(back["accuracy"]) and pd.api.types.is_float_dtype(
+        back["x_value"]
+    )
+    reported = back[back.kind == "reported"].iloc[0]
+    assert (reported.method, reported.x_value, reported.accuracy) == ("mt", 250.0, 81.5)
+    assert back[back.kind == "measured"]["accuracy"].between(40, 100).all()
+
+    tex = (tmp_path / f"{FAMILY}.tex").read_text()
+    lines = tex.splitlines()
+    rep_line = next(i for i, ln in enumerate(lines) if "(reported: Someone et al. 2019)" in ln)
+    assert lines[rep_line - 1] == "\\midrule" and "81.50" in lines[rep_line]
+    assert "250 labels" in tex and "$\\pm$" in tex and "not measured here" in tex
+    ncol = len(tex.split("\\begin{tabular}{")[1].split("}")[0])
+    assert all(ln.count(" & ") == ncol - 1 for ln in lines if ln.endswith("\\\\"))
+
+
+def test_family_of_one_protocol_is_a_plain_page(tmp_path, sweep_df):
+    one = sweep_df[sweep_df.protocol == f"{FAMILY}-250"]
+    paths = write_family(one, FAMILY, tmp_path, REPORTED)
+    assert [p.name for p in paths] == [f"{FAMILY}-250.md", f"{FAMILY}-250.csv", f"{FAMILY}-250.tex"]
+
+
+def _jpeg_root(tmp_path):
+    root = tmp_path / "data"
+    (root / "cifar10-jpeg").mkdir(parents=True)
+    for split in ("train", "test"):
+        (root / "cifar10-jpeg" / f"{split}.zip").write_bytes(b"")  # names only, never read
+    return root
+
+
+def test_dataset_note_jpeg_copy(tmp_path, sweep_df):
+    root = _jpeg_root(tmp_path)
+    note = dataset_note("cifar10-ssl-250", root)
+    assert "Dataset: cifar10 (CIFAR-10" in note and "250 labels (balanced) from train" in note
+    assert "JPEG copy" in note and "not bit-exact" in note
+    (root / "cifar-10-batches-py").mkdir()  # the loader prefers the official batches
+    assert "JPEG copy" not in dataset_note("cifar10-ssl-250", root)
+    assert "official" in dataset_note("cifar10-ssl-250", root)
+    assert "JPEG" not in dataset_note("fashion-mnist-ssl-250", root)
+    assert "not known" in dataset_note("no-such-protocol-7")
+
+    cifar = sweep_df.assign(
+        protocol=sweep_df.protocol.str.replace(FAMILY, "cifar10-ssl"), family="cifar10-ssl"
+    )
+    out = tmp_path / "pages"
+    write_family(cifar, "cifar10-ssl", out, data_root=_jpeg_root(tmp_path / "b"))
+    for page in ("cifar10-ssl.md", "cifar10-ssl-250.md"):
+        assert "JPEG copy" in (out / page).read_text()
+    write_leaderboard(cifar, "cifar10-ssl-50", out / "single", data_root=tmp_path / "nothing")
+    single = (out / "single" / "cifar10-ssl-50.md").read_text()
+    assert "Source: not checked" in single and "JPEG copy" in single
+
+
+# ------------------------------------------------------------------ command line
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    """A results store with a label sweep, one CIFAR-10 budget and an episodic protocol."""
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "mt.toml").write_text(CARD)
+    monkeypatch.setenv("FSBENCH_BASELINES", str(cards))
+    rows = _sweep_rows()
+    rows += [{**r, "protocol": "cifar10-ssl-250"} for r in rows if r["protocol"] == f"{FAMILY}-250"]
+    rng = np.random.default_rng(0)
+    for method, base in [("protonet", 0.95), ("nearest", 0.7)]:
+        for t in range(20):
+            rows.append(
+                {
+                    **rows[0],
+                    "protocol": "omniglot-5w1s",
+                    "method": method,
+                    "config_hash": f"cfg-{method}",
+                    "setting": "inductive",
+                    "task_index": t,
+                    "accuracy": float(np.clip(base + rng.normal(0, 0.03), 0, 1)),
+                    "x_value": 1.0,
+                    "x_label": "shots per class",
+                }
+            )
+    wd = tmp_path / "runs"
+    with ResultsStore(wd / "results.sqlite") as store:
+        store.append(ResultRow(**r) for r in rows)
+    return wd
+
+
+def test_cli_leaderboard_all(tmp_path, workdir, capsys):
+    out = tmp_path / "lb"
+    root = _jpeg_root(tmp_path)
+    args = ["leaderboard", "--all", "--workdir", str(workdir), "--out", str(out)]
+    assert main([*args, "--data-root", str(root)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"wrote {out / 'index.md'}"
+    for name in (f"{FAMILY}.md", f"{FAMILY}.png", f"{FAMILY}-1000.md", "cifar10-ssl-250.md"):
+        assert (out / name).exists()
+    assert (out / "omniglot-5w1s.md").exists() and not (out / "omniglot-5w1s.png").exists()
+    assert not (out / "cifar10-ssl.md").exists()  # one CIFAR-10 budget: no family page
+
+    index = _table_rows((out / "index.md").read_text(), "# Leaderboards")
+    assert index[0] == ["Page", "Protocols", "Best entry", "At", "Accuracy (%)"]
+    by_page = {r[0]: r for r in index[1:]}
+    assert set(by_page) == {
+        "[cifar10-ssl](cifar10-ssl-250.md)",
+        f"[{FAMILY}]({FAMILY}.md)",
+        "[omniglot-5w1s](omniglot-5w1s.md)",
+    }
+    best = by_page[f"[{FAMILY}]({FAMILY}.md)"]
+    ci = mean_ci([0.90 + e for e in SEED_NOISE], method="t")
+    assert best[1:] == [
+        "3",
+        "lp [cfg-lp-a]",
+        "1000 labels",
+        f"{ci.mean * 100:.2f} ± {ci.half_width * 100:.2f}",
+    ]
+    assert by_page["[omniglot-5w1s](omniglot-5w1s.md)"][2] == "protonet"
+
+    fam_md = (out / f"{FAMILY}.md").read_text()
+    assert "## Reported in papers (not measured here)" in fam_md
+    assert "| mt | 250 | 81.50 |" in fam_md and "Someone et al. 2019" in fam_md
+    assert "JPEG copy" in (out / "cifar10-ssl-250.md").read_text()
+    assert "JPEG" not in fam_md
+    omni = (out / "omniglot-5w1s.md").read_text()
+    assert "Dataset: omniglot" in omni and "5-way 1-shot" in omni
+
+
+def test_cli_leaderboard_named(tmp_path, workdir, capsys):
+    out = tmp_path / "lb"
+    base = ["--workdir", str(workdir), "--out", str(out)]
+    assert main(["leaderboard", "omniglot-5w1s", *base]) == 0  # old behaviour for a protocol
+    assert sorted(p.name for p in out.iterdir()) == [
+        "omniglot-5w1s.csv",
+        "omniglot-5w1s.md",
+        "omniglot-5w1s.tex",
+    ]
+    assert main(["leaderboard", FAMILY, *base]) == 0
+    assert (out / f"{FAMILY}.md").exists() and (out / f"{FAMILY}-50.md").exists()
+    assert not (out / "index.md").exists()
+    capsys.readouterr()
+    assert main(["leaderboard", *base]) == 2
+    assert main(["leaderboard", FAMILY, "--all", *base]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_cli_report_orders_by_budget(workdir, capsys):
+    assert main(["report", "--workdir", str(workdir), "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    protos = list(dict.fromkeys(table["protocol"]))
+    assert protos == [
+        "cifar10-ssl-250",
+        f"{FAMILY}-50",
+        f"{FAMILY}-250",
+        f"{FAMILY}-1000",
+        "omniglot-5w1s",
+    ]
+    at_1000 = table[table.protocol == f"{FAMILY}-1000"]
+    assert at_1000["accuracy"].is_monotonic_decreasing
