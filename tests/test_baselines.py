@@ -333,6 +333,35 @@ def test_finetune_starts_from_the_checkpoint_backbone(fashion_task, tmp_path):
         get_method("finetune")(init=str(wrong), steps=1).predict(task, TaskContext.create(0))
 
 
+def test_propagation_finetune_trains_on_weighted_pseudo_labels(fashion_task, tmp_path):
+    from fewshot_bench.backbones.checkpoint import save_checkpoint
+    from fewshot_bench.methods.episodic import seeded_backbone
+
+    task, truth = fashion_task
+    net = seeded_backbone("conv4", 1, 28, 5, torch.device("cpu"))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    ckpt = {"arch": "conv4", "in_channels": 1, "image_size": 28, "objective": "instance"}
+    path = save_checkpoint({**ckpt, "state_dict": state}, tmp_path / "b.pt")
+    m = get_method("propagation-finetune")(
+        init=str(path), features="backbone", n_eig=20, k=5, steps=3, labeled_batch=8
+    )
+    assert m.setting == "semi-supervised"
+    x, y, w = m.training_set(task, TaskContext.create(0))
+    pl = m.last_pseudo_labels
+    n_s = task.n_support
+    assert len(pl.indices) > 0 and len(x) == n_s + len(pl.indices) == len(y) == len(w)
+    assert torch.equal(x[:n_s], task.support) and torch.equal(x[n_s:], task.unlabeled[pl.indices])
+    assert torch.all(w[:n_s] == 1) and torch.all((w[n_s:] >= 0.01) & (w[n_s:] <= 1))
+    # pseudo-labels from an untrained metric on Fashion-MNIST are still far above chance
+    train = load_dataset("fashion-mnist", "train", "/nonexistent")
+    unl_truth = torch.from_numpy(train.labels[1000:1400])
+    assert (pl.labels == unl_truth[pl.indices]).float().mean() > 0.3
+    scores = m.predict(task, TaskContext.create(0))
+    assert scores.shape == (100, 10) and torch.isfinite(scores).all()
+    with pytest.raises(ProtocolError, match="propagator"):
+        get_method("propagation-finetune")(init=str(path), propagator="magic")
+
+
 def test_augment_batch_and_rampup():
     x = torch.rand(4, 1, 8, 8)
     gen = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@
 from fewshot_bench.methods import (  # noqa: F401
     maml,
     mean_teacher,
+    metric_transfer,
     propagation,
     protonet,
     simple,

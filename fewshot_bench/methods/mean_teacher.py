@@ -160,6 +160,13 @@ class MeanTeacher(Method):
         net.backbone.load_state_dict(ckpt["state_dict"])
         return net
 
+    def training_set(
+        self, task: Task, ctx: TaskContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The labeled images, their labels and per-image loss weights (``None``: all 1) that the
+        cross-entropy term trains on: here the support."""
+        return task.support, task.support_labels, None
+
     def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         """Train student and teacher on this task, return the teacher's query logits."""
         require_images(task.kind, self.name)
@@ -171,8 +178,9 @@ class MeanTeacher(Method):
             raise ProtocolError(f"{self.name}: the task has no labeled images")
         student = self.build_network(in_channels, size, task.n_way, ctx.seed).to(device)
         teacher = copy.deepcopy(student).requires_grad_(False)
-        xl_all = task.support.to(device)
-        yl_all = task.support_labels.to(device)
+        xl, yl, wl = self.training_set(task, ctx)
+        xl_all, yl_all = xl.to(device), yl.to(device)
+        wl_all = None if wl is None else wl.to(device)
         use_unl = self.uses_unlabeled and p.get("consistency", 0.0) > 0
         xu_all = task.unlabeled.to(device) if use_unl else task.unlabeled[:0]
         use_unl = use_unl and xu_all.shape[0] > 0
@@ -198,7 +206,11 @@ class MeanTeacher(Method):
             x_student = aug(xb)
             with autocast(device, p["amp"]):
                 logits = student(x_student).float()
-            loss = F.cross_entropy(logits[: len(yb)], yb)
+            if wl_all is None:
+                loss = F.cross_entropy(logits[: len(yb)], yb)
+            else:  # eq. 10 of metric transfer: per-image confidence weights
+                ce = F.cross_entropy(logits[: len(yb)], yb, reduction="none")
+                loss = (wl_all[li.to(device)] * ce).mean()
             if use_unl:
                 x_teacher = aug(xb)
                 with torch.no_grad(), autocast(device, p["amp"]):
@@ -244,6 +256,6 @@ class Finetune(Supervised):
         super().__init__(**params)
         if not self.params["init"]:
             raise ProtocolError(
-                "finetune needs the backbone to start from: -m finetune:init=PATH with a "
+                f"{self.name} needs the backbone to start from: -m {self.name}:init=PATH with a "
                 "checkpoint written by `fsbench pretrain --out PATH`"
             )
