@@ -453,3 +453,29 @@ def test_protonet_through_the_runner_caches_its_state(shared_data, tmp_path):
         run_protocol(proto, [again], store, workdir=tmp_path, root=shared_data, progress=False)
     assert again.train_log == method.train_log  # loaded from the cache, not retrained
     assert load_results(tmp_path / "r2.sqlite").accuracy.tolist() == df.accuracy.tolist()
+    # --save-state hands the fitted state to init= of another method
+    saved = tmp_path / "states" / "proto.pt"
+    third = get_method("protonet")(train_way=5, train_query=2, steps=2)
+    with ResultsStore(tmp_path / "r3.sqlite") as store:
+        run_protocol(
+            proto,
+            [third],
+            store,
+            workdir=tmp_path,
+            root=shared_data,
+            progress=False,
+            save_state=saved,
+        )
+        init = get_method("soft-kmeans")(init=str(saved), steps=0)
+        run_protocol(proto, [init], store, workdir=tmp_path, root=shared_data, progress=False)
+        assert init.train_log == method.train_log
+        with pytest.raises(ProtocolError, match="exactly one method"):
+            run_protocol(
+                proto,
+                [third, get_method("fomaml")(steps=1)],
+                store,
+                workdir=tmp_path,
+                root=shared_data,
+                progress=False,
+                save_state=saved,
+            )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,8 +101,9 @@ def fit_method(
     device: torch.device,
     budget: int | None,
     seed: int,
-) -> None:
-    """Train ``method`` on the protocol's ``fit_split`` (base classes), reusing a cached state."""
+) -> Path | None:
+    """Train ``method`` on the protocol's ``fit_split`` (base classes), reusing a cached state;
+    returns the cached state's path (``None`` when the method has no state to cache)."""
     from fewshot_bench.data import load_dataset
 
     split = protocol.dataset.get("fit_split")
@@ -117,7 +119,7 @@ def fit_method(
     path = _fit_state_path(method, data.fingerprint(), embedder_spec, budget)
     if path.exists():
         method.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-        return
+        return path
     tensor = (
         data.data
         if method.consumes == "images"
@@ -128,9 +130,11 @@ def fit_method(
     )
     method.fit(source, budget, TaskContext.create(seed, device))
     state = method.state_dict()
-    if state is not None:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+    if state is None:
+        return None
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
 
 
 def run_protocol(
@@ -148,13 +152,22 @@ def run_protocol(
     budget: int | None = None,
     pool: Pool | None = None,
     progress: bool = True,
+    save_state: Path | None = None,
 ) -> list[RunSummary]:
-    """Evaluate each method on every (seed, task) of the protocol not yet in ``store``."""
+    """Evaluate each method on every (seed, task) of the protocol not yet in ``store``.
+
+    ``save_state``: copy the trained state of the one method that trains to this file (for
+    ``init=`` of another method, e.g. soft k-means from a ProtoNet state)."""
     device = resolve_device(device) if isinstance(device, str) else device
     seeds = list(protocol.run["seeds"] if seeds is None else seeds)
     backbone = backbone or protocol.run["backbone"]
     pool = pool or load_pool(protocol, root)
     manifests = {s: get_manifest(protocol, pool, s, Path(workdir)) for s in seeds}
+    if save_state is not None and sum(m.trains for m in methods) != 1:
+        raise ProtocolError(
+            "--save-state needs exactly one method that trains on base classes (e.g. protonet); "
+            f"got {[m.name for m in methods if m.trains] or 'none'}"
+        )
     data_by_kind: dict[str, torch.Tensor] = {}
     summaries = []
     for method in methods:
@@ -170,7 +183,11 @@ def run_protocol(
         tensor = data_by_kind[method.consumes]
         method_backbone = backbone if method.consumes == "features" else "images"
         if method.trains:
-            fit_method(method, protocol, root, backbone, device, budget, seeds[0])
+            state = fit_method(method, protocol, root, backbone, device, budget, seeds[0])
+            if save_state is not None and state is not None:
+                Path(save_state).parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(save_state) as tmp:
+                    shutil.copyfile(state, tmp)
         config = {**method.config(), "backbone": method_backbone}
         if method.trains:
             config["budget"] = budget

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Regenerate one published leaderboard from scratch: bash leaderboards/regenerate.sh BOARD
+#   BOARD = omniglot | omniglot-semi | fashion-mnist-ssl | all
+# These are the commands that produced the committed tables (CPU, OMP_NUM_THREADS=1, one
+# command per core). Results go to runs/ (resumable: rerunning skips stored tasks), backbones
+# to checkpoints/, pages to leaderboards/. Needs FSBENCH_DATA (../shared/data on the project's
+# machines) and Debian's dataset-fashion-mnist for Fashion-MNIST.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+CK=checkpoints
+W="--workdir runs"
+mkdir -p "$CK"
+
+ce_backbone() {  # Conv-4, cross-entropy on Lake's background alphabets (disjoint from the Vinyals test split)
+  [ -f "$CK/conv4-ce-omniglot-bg.pt" ] || fsbench pretrain --dataset omniglot --split background \
+    --arch conv4 --objective ce --steps 1500 --image-size 28 --out "$CK/conv4-ce-omniglot-bg.pt"
+}
+
+omniglot() {
+  ce_backbone
+  local feat=(-m nearest-prototype -m nn-propagation -m spectral-propagation -m diffusion)
+  fsbench run omniglot-5w1s -m protonet:steps=3000,lr_decay_every=1000 $W \
+    --save-state "$CK/protonet-omniglot-1shot.pt"
+  fsbench run omniglot-20w1s -m protonet:steps=3000,lr_decay_every=1000 $W
+  for p in omniglot-5w5s omniglot-20w5s; do
+    fsbench run $p -m protonet:train_shot=5,steps=2000,lr_decay_every=700 $W
+  done
+  fsbench run omniglot-5w1s -m maml:meta_batch=16,steps=400 $W
+  fsbench run omniglot-5w5s -m maml:k_shot=5,meta_batch=16,steps=300 $W
+  for p in omniglot-5w1s omniglot-5w5s omniglot-20w1s omniglot-20w5s; do
+    fsbench run $p "${feat[@]}" --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" --max-tasks 600 $W
+  done
+  fsbench leaderboard omniglot-5w1s omniglot-5w5s omniglot-20w1s omniglot-20w5s --name omniglot $W
+}
+
+omniglot_semi() {
+  ce_backbone
+  local init="$CK/protonet-omniglot-1shot.pt"
+  fsbench run omniglot-semi-5w1s -m protonet:steps=3000,lr_decay_every=1000 --save-state "$init" $W
+  fsbench run omniglot-semi-5w1s \
+    -m "soft-kmeans:init=$init,steps=0" -m "soft-kmeans-cluster:init=$init,steps=0" \
+    -m "masked-soft-kmeans:init=$init,steps=0" $W
+  fsbench run omniglot-semi-5w1s -m nearest-prototype -m nn-propagation -m spectral-propagation \
+    -m diffusion -m propagation-classifier:propagator=nn -m diffusion-logreg \
+    --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" --max-tasks 600 $W
+  fsbench leaderboard omniglot-semi-5w1s $W
+}
+
+fashion_mnist_ssl() {
+  local inst="$CK/conv4-instance-fmnist.pt"
+  [ -f "$inst" ] || fsbench pretrain --dataset fashion-mnist --split train --arch conv4 \
+    --objective instance --steps 2000 --augment strong --image-size 28 --out "$inst"
+  fsbench run fashion-mnist-ssl -m logistic-regression -m nn-propagation -m spectral-propagation \
+    -m propagation-classifier:propagator=spectral -m diffusion $W
+  fsbench run fashion-mnist-ssl -m logistic-regression -m nn-propagation -m spectral-propagation \
+    -m diffusion --backbone "checkpoint:$inst#embed" $W
+  fsbench run fashion-mnist-ssl -m supervised -m "finetune:init=$inst" \
+    -m "propagation-finetune:init=$inst" -m mean-teacher $W
+  fsbench leaderboard fashion-mnist-ssl $W
+}
+
+case "${1:-}" in
+  omniglot) omniglot ;;
+  omniglot-semi) omniglot_semi ;;
+  fashion-mnist-ssl) fashion_mnist_ssl ;;
+  all) omniglot; omniglot_semi; fashion_mnist_ssl; fsbench leaderboard --all $W ;;
+  *) echo "usage: bash leaderboards/regenerate.sh omniglot|omniglot-semi|fashion-mnist-ssl|all" >&2; exit 2 ;;
+esac
