@@ -166,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 budget=args.budget,
                 pool=pool,
                 progress=not args.quiet,
+                save_state=args.save_state,
             )
             for s in summaries:
                 done = f"{s.ran} run, {s.skipped} already stored"
@@ -205,7 +206,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from fewshot_bench.report import write_all, write_family, write_leaderboards
+    from fewshot_bench.report import write_all, write_family, write_group, write_leaderboards
     from fewshot_bench.report.cards import reported_by_protocol
     from fewshot_bench.run.store import load_results
     from fewshot_bench.tasks.protocol import resolve_protocols
@@ -213,7 +214,31 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     store = args.workdir / "results.sqlite"
     if args.all == bool(args.protocol):
         raise FsbenchError("give a protocol or family name, or --all (not both)")
-    if args.all:
+    if args.name is not None and not args.name.strip():
+        raise FsbenchError("--name must not be empty")
+    if args.all and args.name:
+        raise FsbenchError("--name names a group page of the protocols given; not with --all")
+    if len(args.protocol) > 1 and not args.name:
+        raise FsbenchError(
+            f"{len(args.protocol)} protocols given: name their group page with --name, e.g. "
+            f"`fsbench leaderboard {' '.join(args.protocol)} --name NAME` (writes NAME.md/.csv/.tex)"
+        )
+    if args.name:
+        # a group page: one column per protocol in the order given (families expand in place)
+        protos = {}
+        for spec in args.protocol:
+            for p in resolve_protocols(spec):
+                protos.setdefault(p.name, p)
+        names = list(protos)
+        df = load_results(store, names)
+        if df.empty:
+            raise FsbenchError(
+                f"no results for {', '.join(args.protocol)} in {store}; run them first"
+            )
+        df["family"] = df["protocol"].map({n: p.family for n, p in protos.items()})
+        reported = reported_by_protocol(names, with_ci=True)
+        paths = write_group(df, names, args.name, args.out, reported, data_root=args.data_root)
+    elif args.all:
         df = load_results(store)
         if df.empty:
             raise FsbenchError(f"no results in {store}; run something first")
@@ -222,11 +247,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         reported = reported_by_protocol(sorted(set(known) | set(df["protocol"])))
         paths = write_all(df, args.out, reported, data_root=args.data_root)
     else:
-        protos = resolve_protocols(args.protocol)
+        protos = resolve_protocols(args.protocol[0])
         names = [p.name for p in protos]
         df = load_results(store, names)
         if df.empty:
-            raise FsbenchError(f"no results for {args.protocol} in {store}; run it first")
+            raise FsbenchError(f"no results for {args.protocol[0]} in {store}; run it first")
         df["family"] = df["protocol"].map({p.name: p.family for p in protos})
         present = [n for n in names if n in set(df["protocol"])]
         # paper numbers from the run cards in baselines/ (all of the family's protocols)
@@ -312,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=64, help="tasks per predict_batch call")
     p.add_argument("--budget", type=int, default=None, help="training steps for methods that fit")
+    p.add_argument(
+        "--save-state",
+        type=Path,
+        default=None,
+        help="copy the trained state of the (one) training method to this file, for init=",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_common(p)
     p.set_defaults(func=cmd_run)
@@ -329,8 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "protocol",
-        nargs="?",
-        help="protocol or family name (a family of several protocols also gets a family page)",
+        nargs="*",
+        help="protocol or family name (a family of several protocols also gets a family page); "
+        "several names with --name: a group page with one column per protocol",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="write a group page NAME.md/.csv/.tex over the protocols given, one column each in "
+        "the order given (required with several protocols), e.g. `fsbench leaderboard "
+        "omniglot-5w1s omniglot-5w5s omniglot-20w1s omniglot-20w5s --name omniglot`",
     )
     p.add_argument(
         "--all",

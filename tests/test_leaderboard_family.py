@@ -1,4 +1,5 @@
-"""Family pages, dataset notes, `fsbench leaderboard --all` and `fsbench report` ordering."""
+"""Family and group pages, dataset notes, `fsbench leaderboard --all` / `--name` and `fsbench report`
+ordering."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import pytest
 from fewshot_bench.cli import main
 from fewshot_bench.report import (
     dataset_note,
+    dataset_notes,
     family_summary,
+    group_headers,
+    group_summary,
     mean_ci,
+    short_backbone,
     write_family,
+    write_group,
     write_leaderboard,
 )
 from fewshot_bench.run.store import ResultRow, ResultsStore
@@ -303,3 +309,243 @@ def test_cli_report_orders_by_budget(workdir, capsys):
     ]
     at_1000 = table[table.protocol == f"{FAMILY}-1000"]
     assert at_1000["accuracy"].is_monotonic_decreasing
+
+
+# ------------------------------------------------------------------ group pages
+
+GROUP = ["omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s"]
+CKPT = "checkpoint:/x/runs/conv4-ce.pt"
+# (method, config, backbone, accuracy on each GROUP protocol; None = not run)
+GROUP_ENTRIES = [
+    ("nearest-prototype", "cfg-np-pixels", "pixels", (0.60, 0.70, 0.40, 0.50)),
+    ("nearest-prototype", "cfg-np-conv4", CKPT, (0.90, 0.96, 0.80, 0.92)),
+    ("protonet", "cfg-pn-1shot", "images", (0.98, None, 0.95, None)),
+    ("protonet", "cfg-pn-5shot", "images", (None, 0.99, None, 0.97)),
+]
+TASK_NOISE = (-0.02, -0.01, 0.0, 0.01, 0.02)
+GROUP_REPORTED = {
+    "omniglot-5w1s": {"protonet": (98.8, "Snell et al. 2017, Table 1"), "maml": (98.7, "Finn")},
+    "omniglot-20w5s": {"protonet": (98.9, "Snell et al. 2017, Table 1", 0.1)},
+    "omniglot-semi-5w1s": {"protonet": (94.62, "Ren et al. 2018", 0.09)},  # not in the group
+}
+GROUP_CARD = """
+method = "protonet"
+title = "Prototypical Networks"
+paper = "Snell et al. 2017"
+
+[protocols.omniglot-5w1s]
+reported = 98.8
+source = "Snell et al. 2017, Table 1 (Omniglot, 5-way 1-shot)"
+
+[protocols.omniglot-20w5s]
+reported = 98.9
+reported_ci = 0.1
+source = "Snell et al. 2017, Table 1 (Omniglot, 20-way 5-shot)"
+"""
+
+
+def _group_rows() -> list[dict]:
+    rows = []
+    for method, cfg, backbone, accs in GROUP_ENTRIES:
+        for i, (protocol, acc) in enumerate(zip(GROUP, accs, strict=True)):
+            if acc is None:
+                continue
+            for t, noise in enumerate(TASK_NOISE):
+                rows.append(
+                    {
+                        **_sweep_rows()[0],
+                        "protocol": protocol,
+                        "method": method,
+                        "config_hash": cfg,
+                        "setting": "inductive",
+                        "backbone": backbone,
+                        "task_index": t,
+                        "accuracy": acc + noise,
+                        "seconds": 0.1 * (i + 1),
+                        "x_value": 1.0 if "1s" in protocol else 5.0,
+                        "x_label": "shots per class",
+                    }
+                )
+    return rows
+
+
+def _cell(acc: float) -> str:
+    ci = mean_ci([acc + e for e in TASK_NOISE])
+    return f"{ci.mean * 100:.2f} ± {ci.half_width * 100:.2f}"
+
+
+def test_group_headers_and_backbones():
+    assert group_headers(GROUP) == dict(zip(GROUP, ["5w1s", "5w5s", "20w1s", "20w5s"], strict=True))
+    assert group_headers(["mini-imagenet-5w1s", "cifar-fs-5w1s", "omniglot-5w1s"]) == {
+        "mini-imagenet-5w1s": "mini-imagenet",
+        "cifar-fs-5w1s": "cifar-fs",
+        "omniglot-5w1s": "omniglot",
+    }
+    assert list(group_headers(["omniglot-5w1s", "omniglot-semi-5w1s"]).values()) == [
+        "5w1s",
+        "semi-5w1s",
+    ]
+    assert list(group_headers(["cifar10-ssl-250", "cifar10-ssl-4000"]).values()) == ["250", "4000"]
+    for names in (["omniglot-5w1s"], ["a-1", "b-2"], ["x", "x-1"]):  # nothing clean to strip
+        assert group_headers(names) == {n: n for n in names}
+    assert short_backbone(CKPT) == "conv4-ce.pt" and short_backbone("pixels") == "pixels"
+    assert short_backbone("hub:/models/resnet.bin") == "hub:resnet.bin"
+    assert short_backbone(f"pixels, {CKPT}") == "pixels, conv4-ce.pt"
+
+
+def test_group_summary_long():
+    long = group_summary(pd.DataFrame(_group_rows()), GROUP, GROUP_REPORTED, name="omniglot")
+    assert list(long.columns)[:4] == ["group", "protocol", "column", "kind"]
+    measured = long[long.kind == "measured"]
+    assert len(measured) == 12 and list(dict.fromkeys(measured.protocol)) == GROUP
+    assert set(measured.entry) == {
+        "nearest-prototype [pixels]",
+        "nearest-prototype [conv4-ce.pt]",
+        "protonet [cfg-pn-1]",
+        "protonet [cfg-pn-5]",
+    }
+    cell = measured[(measured.column == "20w1s") & (measured.config_hash == "cfg-np-conv4")]
+    assert cell.iloc[0].backbone == CKPT and cell.iloc[0].n_tasks == len(TASK_NOISE)
+    assert f"{cell.iloc[0].accuracy:.2f} ± {cell.iloc[0].ci95:.2f}" == _cell(0.80)
+    rep = long[long.kind == "reported"]
+    assert list(zip(rep.protocol, rep.method, rep.accuracy, strict=True)) == [
+        ("omniglot-5w1s", "maml", 98.7),
+        ("omniglot-5w1s", "protonet", 98.8),
+        ("omniglot-20w5s", "protonet", 98.9),
+    ]
+    assert np.isnan(rep.iloc[1].ci95) and rep.iloc[2].ci95 == 0.1  # the paper's ± on its row
+
+
+def test_write_group_page(tmp_path):
+    df = pd.DataFrame(_group_rows())
+    paths = write_group(df, GROUP, "omniglot", tmp_path, GROUP_REPORTED)
+    names = [p.name for p in paths]
+    assert names[:3] == ["omniglot.md", "omniglot.csv", "omniglot.tex"]
+    for p in GROUP:  # the per-protocol pages as well, linking to the group page
+        assert {f"{p}.md", f"{p}.csv", f"{p}.tex"} <= set(names)
+        assert "Group page: [omniglot](omniglot.md)" in (tmp_path / f"{p}.md").read_text()
+    assert "omniglot.png" not in names  # no x axis across a group
+
+    md = (tmp_path / "omniglot.md").read_text()
+    assert md.startswith("# omniglot\n\nDataset: omniglot (")
+    assert md.count("Dataset: ") == 1 and "20-way 5-shot" in md  # one note for one dataset
+    assert "Columns: 5w1s = omniglot-5w1s, 5w5s = omniglot-5w5s," in md
+    table = _table_rows(md, "## Accuracy (%) by protocol")
+    assert table[0] == [
+        "Method",
+        "Setting",
+        "Backbone",
+        "Seeds",
+        "Tasks",
+        "5w1s",
+        "5w5s",
+        "20w1s",
+        "20w5s",
+        "s / task (all)",
+    ]
+    # by the mean over the columns a row has: 5-shot ProtoNet (98, 97) above 1-shot (98, 95.5)
+    assert [r[0] for r in table[1:]] == [
+        "protonet [cfg-pn-5]",
+        "protonet [cfg-pn-1]",
+        "nearest-prototype [conv4-ce.pt]",
+        "nearest-prototype [pixels]",
+    ]
+    pn5, pn1, conv4, pixels = table[1:]
+    assert pn5[5:9] == ["—", _cell(0.99), "—", _cell(0.97)]
+    assert pn1[5:9] == [_cell(0.98), "—", _cell(0.95), "—"]
+    assert conv4[1:5] == ["inductive", "conv4-ce.pt", "1", "5"]
+    assert pixels[2] == "pixels" and pixels[8] == _cell(0.50)
+    assert (
+        pn5[9] == f"{np.mean([0.2, 0.4]):.3f}"
+        and conv4[9] == f"{np.mean([0.1, 0.2, 0.3, 0.4]):.3f}"
+    )
+
+    rep = _table_rows(md, "## Reported in papers (not measured here)")
+    assert rep[0] == ["Method", "Protocol", "Reported (%)", "Measured here (%)", "Source"]
+    assert rep[1:] == [
+        ["maml", "omniglot-5w1s", "98.70", "not run", "Finn"],
+        [
+            "protonet",
+            "omniglot-5w1s",
+            "98.80",
+            f"{_cell(0.98)} (protonet [cfg-pn-1])",
+            "Snell et al. 2017, Table 1",
+        ],
+        [
+            "protonet",
+            "omniglot-20w5s",
+            "98.90 ± 0.10",
+            f"{_cell(0.97)} (protonet [cfg-pn-5])",
+            "Snell et al. 2017, Table 1",
+        ],
+    ]
+    secs = _table_rows(md, "## Seconds per task by protocol")
+    assert secs[3][5:] == ["0.100", "0.200", "0.300", "0.400"]
+    assert "- [omniglot-20w5s](omniglot-20w5s.md)" in md
+
+    back = pd.read_csv(tmp_path / "omniglot.csv")
+    assert list(back.columns[:4]) == ["group", "protocol", "column", "kind"]
+    assert pd.api.types.is_float_dtype(back["accuracy"])
+    assert set(back[back.kind == "measured"].backbone) == {"pixels", CKPT, "images"}
+
+    tex = (tmp_path / "omniglot.tex").read_text()
+    lines = tex.splitlines()
+    rule = lines.index("\\midrule", lines.index("\\midrule") + 1)
+    assert lines[rule + 1].startswith("maml (reported: Finn)")
+    pn = lines[rule + 2]
+    assert pn.startswith("protonet (reported: Snell et al. 2017)") and pn.count("98.") == 2
+    assert pn.endswith("& 98.90 $\\pm$ 0.10 &  \\\\")
+    assert "5w1s & 5w5s & 20w1s & 20w5s" in tex and "conv4-ce.pt" in tex and "/x/runs" not in tex
+    ncol = len(tex.split("\\begin{tabular}{")[1].split("}")[0])
+    assert all(ln.count(" & ") == ncol - 1 for ln in lines if ln.endswith("\\\\"))
+
+
+def test_group_page_gaps_and_notes(tmp_path):
+    df = pd.DataFrame(_group_rows())
+    df = df[df.protocol != "omniglot-20w1s"]  # not run yet: an empty column, no page
+    protos = [*GROUP, f"{FAMILY}-250"]
+    df = pd.concat([df, pd.DataFrame(_sweep_rows()).query("protocol == @protos[-1]")])
+    paths = write_group(df, protos, "omniglot-5w1s", tmp_path, GROUP_REPORTED)
+    names = [p.name for p in paths]
+    assert names[0] == "omniglot-5w1s-group.md"  # the name of a protocol page: suffixed
+    assert "omniglot-20w1s.md" not in names and "omniglot-5w1s.md" in names
+    md = (tmp_path / "omniglot-5w1s-group.md").read_text()
+    assert "No results yet: omniglot-20w1s." in md and "Columns:" not in md
+    assert md.count("Dataset: ") == 2 and "Dataset: fashion-mnist" in md
+    table = _table_rows(md, "## Accuracy (%) by protocol")
+    assert table[0][5:10] == [*GROUP, f"{FAMILY}-250"]
+    assert all(r[7] == "—" for r in table[1:])  # omniglot-20w1s
+    assert table[-1][0] == "lp [conv4]"  # worst mean at the bottom; labelled by backbone
+    assert dataset_notes(GROUP[:2]) == [dataset_note(GROUP[:2])]
+
+
+def test_cli_leaderboard_group(tmp_path, monkeypatch, capsys):
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "protonet.toml").write_text(GROUP_CARD)
+    monkeypatch.setenv("FSBENCH_BASELINES", str(cards))
+    wd = tmp_path / "runs"
+    with ResultsStore(wd / "results.sqlite") as store:
+        store.append(ResultRow(**r) for r in _group_rows())
+    out = tmp_path / "lb"
+    base = ["--workdir", str(wd), "--out", str(out)]
+    assert main(["leaderboard", *GROUP, "--name", "omniglot", *base]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"wrote {out / 'omniglot.md'}"
+    md = (out / "omniglot.md").read_text()
+    table = _table_rows(md, "## Accuracy (%) by protocol")
+    assert table[0][5:9] == ["5w1s", "5w5s", "20w1s", "20w5s"]
+    assert {r[2] for r in table[1:]} == {"pixels", "conv4-ce.pt", "images"}
+    rep = _table_rows(md, "## Reported in papers (not measured here)")
+    assert [r[2] for r in rep[1:]] == ["98.80", "98.90 ± 0.10"]  # reported_ci from the card
+    assert (out / "omniglot-20w5s.md").exists() and not (out / "index.md").exists()
+
+    assert main(["leaderboard", "omniglot-20w5s", "omniglot-5w1s", "--name", "x", *base]) == 0
+    x = _table_rows((out / "x.md").read_text(), "## Accuracy (%) by protocol")
+    assert x[0][5:7] == ["20w5s", "5w1s"]  # in the order given
+
+    capsys.readouterr()
+    assert main(["leaderboard", *GROUP, *base]) == 2
+    assert "--name" in capsys.readouterr().err
+    assert main(["leaderboard", "--all", "--name", "omniglot", *base]) == 2
+    assert main(["leaderboard", *GROUP, "--all", "--name", "x", *base]) == 2

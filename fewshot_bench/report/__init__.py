@@ -18,9 +18,13 @@ from fewshot_bench.report.family import (
     best_at_largest,
     family_protocols,
     family_summary,
+    group_headers,
+    group_summary,
+    short_backbone,
     write_family_page,
+    write_group_page,
 )
-from fewshot_bench.report.notes import dataset_note
+from fewshot_bench.report.notes import dataset_note, dataset_notes
 from fewshot_bench.report.plots import (
     axis_label,
     curve_table,
@@ -63,10 +67,13 @@ __all__ = [
     "comparison_table",
     "curve_table",
     "dataset_note",
+    "dataset_notes",
     "families",
     "family_protocols",
     "family_summary",
     "format_p",
+    "group_headers",
+    "group_summary",
     "latex_escape",
     "leaderboard",
     "mean_ci",
@@ -79,9 +86,12 @@ __all__ = [
     "to_latex",
     "to_markdown",
     "safe_name",
+    "short_backbone",
     "write_all",
     "write_family",
     "write_family_page",
+    "write_group",
+    "write_group_page",
     "write_index",
     "write_leaderboard",
     "write_leaderboards",
@@ -114,14 +124,15 @@ def write_leaderboard(
     data_root: str | Path | None = None,
     plot: bool = True,
     family_page: str | None = None,
+    group_page: str | None = None,
 ) -> list[Path]:
     """Write ``<protocol>.md``, ``.csv`` and ``.tex`` (and ``.png``) into ``out_dir``; return paths.
 
     The PNG (accuracy vs ``x_value`` of the protocol's whole family, e.g. all label counts of
     CIFAR-10) is written when ``plot`` and ``x_value`` takes more than one value in that family.
     ``family`` overrides :func:`protocol_family`. ``note``: the dataset line (default:
-    :func:`dataset_note`); ``family_page``: a family page file to link to. Other files in
-    ``out_dir`` are left untouched.
+    :func:`dataset_note`); ``family_page``, ``group_page``: a family or group page file to
+    link to. Other files in ``out_dir`` are left untouched.
     """
     data = prepare(df)
     board = leaderboard(data, protocol, reported)
@@ -148,6 +159,8 @@ def write_leaderboard(
     md += [f"Setting: {settings}. {len(rows)} task results.", ""]
     if family_page:
         md += [f"Family page (all budgets): [{Path(family_page).stem}]({family_page})", ""]
+    if group_page:
+        md += [f"Group page: [{Path(group_page).stem}]({group_page})", ""]
     md += [to_markdown(board).rstrip("\n"), "", CI_NOTE, ""]
     if len(board) > 1:
         pairs = comparison_table(data, protocol)
@@ -235,6 +248,52 @@ def write_family(
     note = dataset_note(protos, data_root)
     page = write_family_page(
         data, family, out_dir, rep, note=note, stem=stem, links=links, ci_note=CI_NOTE
+    )
+    return page + paths
+
+
+def write_group(
+    df: pd.DataFrame,
+    protocols: Sequence[str],
+    name: str,
+    out_dir: str | Path,
+    reported: Mapping[str, Reported] | None = None,
+    *,
+    data_root: str | Path | None = None,
+) -> list[Path]:
+    """Pages for protocols that are not one sweep (e.g. Omniglot 5/20-way 1/5-shot): one page
+    per protocol with results (linking to the group page), plus the group page
+    :func:`write_group_page` ``<name>.md/.csv/.tex`` with one column per protocol in the order
+    given (``<name>-group`` when ``name`` is one of the protocols). ``reported`` maps protocol →
+    method → ``(value, source[, ci])``. Group page paths first."""
+    data = prepare(df)
+    order = list(dict.fromkeys(protocols))
+    present = [p for p in order if p in set(data["protocol"])]
+    if not present:
+        known = sorted(data["protocol"].unique())
+        raise ReportError(f"no results for any of {order}; protocols with results: {known}")
+    stem = safe_name(name)
+    if stem in {safe_name(p) for p in order}:
+        stem += "-group"
+    rep = reported or {}
+    paths: list[Path] = []
+    links = []
+    for p in present:
+        written = write_leaderboard(
+            data, p, out_dir, rep.get(p), data_root=data_root, group_page=f"{stem}.md"
+        )
+        links.append(written[0].name)
+        paths += written
+    page = write_group_page(
+        data,
+        order,
+        out_dir,
+        rep,
+        name=name,
+        notes=dataset_notes(order, data_root),
+        stem=stem,
+        links=links,
+        ci_note=CI_NOTE,
     )
     return page + paths
 

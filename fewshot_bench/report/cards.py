@@ -176,20 +176,22 @@ def load_cards(folder: str | Path | None = None) -> list[Card]:
 
 
 def reported_numbers(
-    protocol: str, folder: str | Path | None = None
-) -> dict[str, tuple[float, str]]:
+    protocol: str, folder: str | Path | None = None, *, with_ci: bool = False
+) -> dict[str, tuple]:
     """Method name → (reported accuracy in percent, source) for ``protocol``, from the cards;
-    the shape :func:`fewshot_bench.report.leaderboard` takes as ``reported``."""
-    out = {}
+    the shape :func:`fewshot_bench.report.leaderboard` takes as ``reported``. ``with_ci``: a
+    third item, the card's ``reported_ci`` (``None`` when it gives none)."""
+    out: dict[str, tuple] = {}
     for card in load_cards(folder):
         entry = card.protocols.get(protocol)
         if entry is not None and entry.reported is not None:
-            out[card.method] = (entry.reported, entry.source)
+            item = (entry.reported, entry.source)
+            out[card.method] = (*item, entry.reported_ci) if with_ci else item
     return out
 
 
 def reported_by_protocol(
-    protocols: Iterable[str], folder: str | Path | None = None
-) -> dict[str, dict[str, tuple[float, str]]]:
+    protocols: Iterable[str], folder: str | Path | None = None, *, with_ci: bool = False
+) -> dict[str, dict[str, tuple]]:
     """:func:`reported_numbers` for several protocols (for ``write_leaderboards(reported=...)``)."""
-    return {p: reported_numbers(p, folder) for p in protocols}
+    return {p: reported_numbers(p, folder, with_ci=with_ci) for p in protocols}

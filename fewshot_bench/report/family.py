@@ -1,12 +1,18 @@
-"""Family pages: one wide table for a protocol sweep (e.g. every label budget of CIFAR-10 SSL),
-one row per entry and one column per x value, with the papers' reported numbers beside it."""
+"""Wide pages over several protocols, one row per entry and one column per protocol, with the
+papers' reported numbers beside them.
+
+A *family page* covers a protocol sweep (e.g. every label budget of CIFAR-10 SSL): its columns
+are the x values. A *group page* covers protocols that are not one sweep, in the order given
+(e.g. Omniglot 5-way 1-shot, 5-way 5-shot, 20-way 1-shot, 20-way 5-shot). Both are written by
+one page writer; they differ in column headers, row order and entry labels."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
 
@@ -43,6 +49,322 @@ FAMILY_COLUMNS = [
     "source",
 ]
 
+#: Columns of :func:`group_summary`; on ``kind="reported"`` rows ``ci95`` is the paper's ±
+#: (the card's ``reported_ci``, NaN when it gives none).
+GROUP_COLUMNS = [
+    "group",
+    "protocol",
+    "column",
+    "kind",
+    "entry",
+    "method",
+    "config_hash",
+    "setting",
+    "backbone",
+    "n_seeds",
+    "n_tasks",
+    "accuracy",
+    "ci95",
+    "ci_over",
+    "seconds",
+    "device",
+    "source",
+]
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _reported_items(reported: Reported) -> list[tuple[str, float, str, float]]:
+    """(method, value, source, ± or NaN) from ``{method: value | (value, source[, ci])}``."""
+    out = []
+    for method, r in reported.items():
+        if isinstance(r, tuple | list):
+            source = str(r[1]) if len(r) > 1 and r[1] is not None else ""
+            ci = float(r[2]) if len(r) > 2 and r[2] is not None else math.nan
+            out.append((method, float(r[0]), source, ci))
+        else:
+            out.append((method, float(r), "", math.nan))
+    return out
+
+
+def _fmt_reported(value: float, ci: float) -> str:
+    return f"{value:.2f}" if math.isnan(ci) else f"{value:.2f} ± {ci:.2f}"
+
+
+def _reported_row(method: str, value: float, source: str, ci: float, **fields) -> dict:
+    """A ``kind="reported"`` row of a long table (``fields``: protocol and page columns)."""
+    return {
+        **fields,
+        "kind": "reported",
+        "entry": method,
+        "method": method,
+        "config_hash": "",
+        "setting": "",
+        "backbone": "",
+        "n_seeds": 0,
+        "n_tasks": 0,
+        "accuracy": value,
+        "ci95": ci,
+        "ci_over": "",
+        "seconds": math.nan,
+        "device": "",
+        "source": source,
+    }
+
+
+def _hash_labels(table: pd.DataFrame) -> list[str]:
+    """Method names, with a short config hash where one method has several configurations."""
+    counts = table.groupby("method")["config_hash"].transform("nunique")
+    return [
+        f"{m} [{c[:8]}]" if n > 1 else m
+        for m, c, n in zip(table["method"], table["config_hash"], counts, strict=True)
+    ]
+
+
+def short_backbone(spec: str) -> str:
+    """A readable backbone name: ``"checkpoint:/x/conv4-ce.pt"`` → ``"conv4-ce.pt"``; other
+    ``prefix:path`` specs keep their prefix (``"prefix:file"``); ``"pixels"`` stays as it is.
+    Several backbones joined by ``", "`` are shortened one by one."""
+    if ", " in spec:
+        return ", ".join(short_backbone(s) for s in spec.split(", "))
+    prefix, sep, arg = spec.partition(":")
+    if not sep or not re.search(r"[/\\]", arg):
+        return spec
+    name = PureWindowsPath(arg).name if "\\" in arg else PurePosixPath(arg).name
+    name = name or arg
+    return name if prefix == "checkpoint" else f"{prefix}:{name}"
+
+
+def _backbone_labels(table: pd.DataFrame) -> list[str]:
+    """Method names; where a method has several entries, qualified by the short backbone when
+    that tells them apart, else by the short config hash (``"lp [conv4.pt, 1a2b3c4d]"``)."""
+    entries = table.drop_duplicates(["method", "config_hash"])
+    labels: dict[tuple[str, str], str] = {}
+    for method, g in entries.groupby("method", sort=False):
+        if len(g) == 1:
+            labels[(method, g["config_hash"].iloc[0])] = method
+            continue
+        short = [short_backbone(b) for b in g["backbone"]]
+        for c, b in zip(g["config_hash"], short, strict=True):
+            if short.count(b) == 1:
+                labels[(method, c)] = f"{method} [{b}]"
+            elif len(set(short)) > 1:
+                labels[(method, c)] = f"{method} [{b}, {c[:8]}]"
+            else:
+                labels[(method, c)] = f"{method} [{c[:8]}]"
+    return [labels[(m, c)] for m, c in zip(table["method"], table["config_hash"], strict=True)]
+
+
+def _measured(
+    sub: pd.DataFrame, order: Sequence[str], labels: Callable[[pd.DataFrame], list[str]]
+) -> pd.DataFrame:
+    """:func:`summarise` rows (one per protocol, method and config) of the protocols in
+    ``order``, with an ``entry`` label, by column position then accuracy (best first)."""
+    table = summarise(sub)
+    table = table[table["protocol"].isin(order)].copy()
+    if "backbone" not in table.columns:
+        table["backbone"] = ""
+    table["entry"] = labels(table)
+    table["_p"] = table["protocol"].map({p: i for i, p in enumerate(order)})
+    table = table.sort_values(["_p", "accuracy"], ascending=[True, False], kind="stable")
+    return table.drop(columns="_p")
+
+
+def _seeds_text(values: pd.Series) -> str:
+    lo, hi = int(values.min()), int(values.max())
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a family page and a group page do differently."""
+
+    title: str
+    stem: str
+    order: list[str]  # protocols, one column each, in this order
+    headers: dict[str, str]  # protocol → column header
+    keys: list[tuple[str, str]]  # (method, config_hash) of each row, top first
+    intro: list[str]  # Markdown after the dataset note; "{n_entries}" is filled in
+    axis: str  # "Accuracy (%) by <axis>", "Seconds per task by <axis>"
+    order_note: str  # how rows are ordered
+    where_header: str  # the protocol column of the reported table
+    where: dict[str, str]  # protocol → what that column shows
+    where_right: bool  # right-align that column (numbers)
+    caption: str  # LaTeX caption (the note about reported rows is added)
+    tasks: bool = False  # a "Tasks" column (episodes per cell)
+    backbone: Callable[[str], str] = str  # how the backbone column shows a backbone
+    figures: list[str] = field(default_factory=list)  # Markdown before the links
+
+
+def _wide(
+    long: pd.DataFrame, data: pd.DataFrame, lay: _Layout, *, seconds: bool = False
+) -> tuple[pd.DataFrame, list[bool]]:
+    """Display strings: one row per entry, one column per protocol (accuracy or seconds)."""
+    measured = long[long["kind"] == "measured"]
+    rows = []
+    for m, c in lay.keys:
+        g = measured[(measured["method"] == m) & (measured["config_hash"] == c)]
+        raw = data[(data["method"] == m) & (data["config_hash"] == c)]
+        by_p = {r["protocol"]: r for _, r in g.iterrows()}
+        row = {
+            "Method": g["entry"].iloc[0],
+            "Setting": _join_unique(g["setting"]),
+            "Backbone": lay.backbone(_join_unique(g["backbone"])),
+            "Seeds": _seeds_text(g["n_seeds"]),
+        }
+        if lay.tasks:
+            row["Tasks"] = _seeds_text(g["n_tasks"])
+        for p in lay.order:
+            r = by_p.get(p)
+            if r is None:
+                row[lay.headers[p]] = "—"
+            elif seconds:
+                row[lay.headers[p]] = "" if math.isnan(r["seconds"]) else f"{r['seconds']:.3f}"
+            else:
+                row[lay.headers[p]] = _fmt_mean_ci(r["accuracy"], r["ci95"], 2)
+        if not seconds:
+            s = raw["seconds"].mean() if raw["seconds"].notna().any() else math.nan
+            row["s / task (all)"] = "" if math.isnan(s) else f"{s:.3f}"
+        rows.append(row)
+    shown = pd.DataFrame(rows)
+    right = [c not in ("Method", "Setting", "Backbone") for c in shown.columns]
+    return shown, right
+
+
+def _short_source(source: str) -> str:
+    """``"Snell et al. 2017, Table 1 (...)"`` → ``"Snell et al. 2017"``."""
+    m = re.match(r"^(.*?\b(?:19|20)\d\d)\b", source)
+    head = m.group(1) if m and len(m.group(1)) <= 40 else source.split(",")[0]
+    return head.strip() or "paper"
+
+
+def _reported_display(long: pd.DataFrame, lay: _Layout) -> pd.DataFrame:
+    """Markdown table of the reported numbers with the best measured entry of the same method."""
+    rep = long[long["kind"] == "reported"]
+    measured = long[long["kind"] == "measured"]
+    rows = []
+    for _, r in rep.iterrows():
+        mine = measured[
+            (measured["protocol"] == r["protocol"]) & (measured["method"] == r["method"])
+        ]
+        if mine.empty:
+            ours = "not run"
+        else:
+            best = mine.loc[mine["accuracy"].idxmax()]
+            ours = _fmt_mean_ci(best["accuracy"], best["ci95"], 2)
+            if best["entry"] != best["method"]:
+                ours += f" ({best['entry']})"
+        rows.append(
+            {
+                "Method": r["method"],
+                lay.where_header: lay.where.get(r["protocol"], r["protocol"]),
+                "Reported (%)": _fmt_reported(r["accuracy"], r["ci95"]),
+                "Measured here (%)": ours,
+                "Source": r["source"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _write_page(
+    long: pd.DataFrame,
+    data: pd.DataFrame,
+    lay: _Layout,
+    out: Path,
+    *,
+    note: str = "",
+    links: Sequence[str] = (),
+    ci_note: str = "",
+) -> list[Path]:
+    """Write ``<stem>.md``, ``.csv`` (``long``, numbers as numbers) and ``.tex`` (wide, reported
+    rows below a rule); return the paths."""
+    from fewshot_bench.atomic import write_text_atomic
+    from fewshot_bench.report.tables import to_csv
+
+    shown, right = _wide(long, data, lay)
+    md = [f"# {lay.title}", ""]
+    if note:
+        md += [note, ""]
+    md += [line.replace("{n_entries}", str(len(shown))) for line in lay.intro]
+    md += [
+        f"## Accuracy (%) by {lay.axis}",
+        "",
+        lay.order_note,
+        "",
+        markdown_table(shown, right).rstrip("\n"),
+        "",
+    ]
+    if ci_note:
+        md += [ci_note, ""]
+    rep = _reported_display(long, lay)
+    if not rep.empty:
+        md += [
+            "## Reported in papers (not measured here)",
+            "",
+            "Numbers copied from the run cards (`baselines/*.toml`), beside the best measured "
+            "configuration of the same method; the papers' protocols may differ from ours "
+            "(see the cards' `differences`).",
+            "",
+            markdown_table(rep, [False, lay.where_right, True, True, False]).rstrip("\n"),
+            "",
+        ]
+    secs, sright = _wide(long, data, lay, seconds=True)
+    md += [f"## Seconds per task by {lay.axis}", "", markdown_table(secs, sright).rstrip("\n"), ""]
+    md += lay.figures
+    if links:
+        md += ["## Per-protocol pages (with paired comparisons)", ""]
+        md += [f"- [{Path(name).stem}]({name})" for name in links] + [""]
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    md_path = out / f"{lay.stem}.md"
+    write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
+    paths.append(md_path)
+
+    csv_path = out / f"{lay.stem}.csv"
+    to_csv(long, csv_path)
+    paths.append(csv_path)
+
+    tex_rows = [shown]
+    rep_long = long[long["kind"] == "reported"]
+    if not rep_long.empty:
+        extra = []
+        for (method, source), g in rep_long.groupby(["method", "source"], sort=False):
+            row = dict.fromkeys(shown.columns, "")
+            row["Method"] = f"{method} (reported: {_short_source(source)})"
+            hit = False
+            for _, r in g.iterrows():
+                if r["protocol"] in lay.headers:
+                    row[lay.headers[r["protocol"]]] = _fmt_reported(r["accuracy"], r["ci95"])
+                    hit = True
+            if hit:
+                extra.append(row)
+        if extra:
+            tex_rows.append(pd.DataFrame(extra, columns=shown.columns))
+    tex_table = pd.concat(tex_rows, ignore_index=True)
+    caption = lay.caption
+    if len(tex_rows) > 1:
+        caption += "; rows below the rule are reported in papers, not measured here"
+    tex = latex_table(
+        tex_table,
+        right,
+        caption=caption,
+        label=f"tab:{lay.stem}",
+        rule_before=len(shown) if len(tex_rows) > 1 else None,
+    )
+    tex_path = out / f"{lay.stem}.tex"
+    write_text_atomic(tex_path, tex)
+    paths.append(tex_path)
+    return paths
+
+
+def _settings(data: pd.DataFrame) -> str:
+    return ", ".join(sorted({s for s in data["setting"] if s})) or "unknown setting"
+
+
+# --------------------------------------------------------------------------- family pages
+
 
 def family_protocols(df: pd.DataFrame, family: str) -> list[str]:
     """The family's protocols with results, by numeric ``x_value`` (missing last), then name."""
@@ -69,16 +391,6 @@ def _reported_x(protocol: str, family: str, data: pd.DataFrame) -> float | None:
     return math.nan if proto.x_value is None else float(proto.x_value)
 
 
-def _reported_items(reported: Reported) -> list[tuple[str, float, str]]:
-    out = []
-    for method, r in reported.items():
-        if isinstance(r, tuple | list):
-            out.append((method, float(r[0]), str(r[1]) if len(r) > 1 else ""))
-        else:
-            out.append((method, float(r), ""))
-    return out
-
-
 def family_summary(
     df: pd.DataFrame, family: str, reported: Mapping[str, Reported] | None = None
 ) -> pd.DataFrame:
@@ -93,46 +405,29 @@ def family_summary(
     order = family_protocols(sub, family)
     xs = sub.groupby("protocol")["x_value"].min().to_dict()
     label = axis_label(sub)
-    table = summarise(sub)
-    counts = table.groupby("method")["config_hash"].transform("nunique")
-    table["entry"] = [
-        f"{m} [{c[:8]}]" if n > 1 else m
-        for m, c, n in zip(table["method"], table["config_hash"], counts, strict=True)
-    ]
+    table = _measured(sub, order, _hash_labels)
     table["family"] = family
     table["x_value"] = table["protocol"].map(xs)
     table["x_label"] = label
     table["kind"] = "measured"
     table["source"] = ""
-    table["_p"] = table["protocol"].map({p: i for i, p in enumerate(order)})
-    table = table.sort_values(["_p", "accuracy"], ascending=[True, False], kind="stable")
     rows = []
     for protocol, numbers in sorted((reported or {}).items()):
         x = _reported_x(protocol, family, data)
         if x is None:
             continue  # another family's protocol
-        for method, value, source in _reported_items(numbers):
+        for method, value, source, ci in _reported_items(numbers):
             rows.append(
-                {
-                    "family": family,
-                    "protocol": protocol,
-                    "x_value": x,
-                    "x_label": label,
-                    "kind": "reported",
-                    "entry": method,
-                    "method": method,
-                    "config_hash": "",
-                    "setting": "",
-                    "backbone": "",
-                    "n_seeds": 0,
-                    "n_tasks": 0,
-                    "accuracy": value,
-                    "ci95": math.nan,
-                    "ci_over": "",
-                    "seconds": math.nan,
-                    "device": "",
-                    "source": source,
-                }
+                _reported_row(
+                    method,
+                    value,
+                    source,
+                    ci,
+                    family=family,
+                    protocol=protocol,
+                    x_value=x,
+                    x_label=label,
+                )
             )
     rep = pd.DataFrame(rows, columns=FAMILY_COLUMNS)
     if not rep.empty:
@@ -169,82 +464,6 @@ def _entry_order(measured: pd.DataFrame, order: Sequence[str]) -> list[tuple[str
     return [(m, c) for _, _, m, c in sorted(keys)]
 
 
-def _seeds_text(values: pd.Series) -> str:
-    lo, hi = int(values.min()), int(values.max())
-    return str(lo) if lo == hi else f"{lo}–{hi}"
-
-
-def _wide(
-    long: pd.DataFrame, data: pd.DataFrame, order: Sequence[str], *, seconds: bool = False
-) -> tuple[pd.DataFrame, list[bool]]:
-    """Display strings: one row per entry, one column per protocol (accuracy or seconds)."""
-    measured = long[long["kind"] == "measured"]
-    headers = _columns(long, order)
-    rows = []
-    for m, c in _entry_order(measured, order):
-        g = measured[(measured["method"] == m) & (measured["config_hash"] == c)]
-        raw = data[(data["method"] == m) & (data["config_hash"] == c)]
-        by_p = {r["protocol"]: r for _, r in g.iterrows()}
-        row = {
-            "Method": g["entry"].iloc[0],
-            "Setting": _join_unique(g["setting"]),
-            "Backbone": _join_unique(g["backbone"]),
-            "Seeds": _seeds_text(g["n_seeds"]),
-        }
-        for p in order:
-            r = by_p.get(p)
-            if r is None:
-                row[headers[p]] = "—"
-            elif seconds:
-                row[headers[p]] = "" if math.isnan(r["seconds"]) else f"{r['seconds']:.3f}"
-            else:
-                row[headers[p]] = _fmt_mean_ci(r["accuracy"], r["ci95"], 2)
-        if not seconds:
-            s = raw["seconds"].mean() if raw["seconds"].notna().any() else math.nan
-            row["s / task (all)"] = "" if math.isnan(s) else f"{s:.3f}"
-        rows.append(row)
-    shown = pd.DataFrame(rows)
-    right = [c not in ("Method", "Setting", "Backbone") for c in shown.columns]
-    return shown, right
-
-
-def _short_source(source: str) -> str:
-    """``"Snell et al. 2017, Table 1 (...)"`` → ``"Snell et al. 2017"``."""
-    m = re.match(r"^(.*?\b(?:19|20)\d\d)\b", source)
-    head = m.group(1) if m and len(m.group(1)) <= 40 else source.split(",")[0]
-    return head.strip() or "paper"
-
-
-def _reported_display(long: pd.DataFrame) -> pd.DataFrame:
-    """Markdown table of the reported numbers with the best measured entry of the same method."""
-    rep = long[long["kind"] == "reported"]
-    measured = long[long["kind"] == "measured"]
-    label = str(long["x_label"].iloc[0]) or "x"
-    rows = []
-    for _, r in rep.iterrows():
-        mine = measured[
-            (measured["protocol"] == r["protocol"]) & (measured["method"] == r["method"])
-        ]
-        if mine.empty:
-            ours = "not run"
-        else:
-            best = mine.loc[mine["accuracy"].idxmax()]
-            ours = _fmt_mean_ci(best["accuracy"], best["ci95"], 2)
-            if best["entry"] != best["method"]:
-                ours += f" ({best['entry']})"
-        x = r["x_value"]
-        rows.append(
-            {
-                "Method": r["method"],
-                label: r["protocol"] if math.isnan(x) else f"{x:g}",
-                "Reported (%)": f"{r['accuracy']:.2f}",
-                "Measured here (%)": ours,
-                "Source": r["source"],
-            }
-        )
-    return pd.DataFrame(rows)
-
-
 def write_family_page(
     df: pd.DataFrame,
     family: str,
@@ -259,10 +478,8 @@ def write_family_page(
     """Write ``<family>.md``, ``.csv`` (long format, numbers as numbers), ``.tex`` (wide) and
     ``.png`` (accuracy vs x) into ``out_dir``; return the paths. ``links``: per-protocol page
     file names to list; ``note``: the dataset line."""
-    from fewshot_bench.atomic import write_text_atomic
     from fewshot_bench.report import safe_name
     from fewshot_bench.report.plots import plot_accuracy_curve
-    from fewshot_bench.report.tables import to_csv
 
     data = prepare(df)
     data = data[families(data) == family]
@@ -272,7 +489,7 @@ def write_family_page(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or safe_name(family)
-    settings = ", ".join(sorted({s for s in data["setting"] if s})) or "unknown setting"
+    settings = _settings(data)
     x_of = data.groupby("protocol")["x_value"].min()
     xs = [float(x_of[p]) for p in order if not math.isnan(x_of[p])]
     span = f" ({xs[0]:g}–{xs[-1]:g} {label})" if len(xs) > 1 else ""
@@ -281,86 +498,32 @@ def write_family_page(
     if data["x_value"].dropna().nunique() > 1:
         png = plot_accuracy_curve(data, out / f"{stem}.png", title=f"{family}: accuracy vs {label}")
 
-    shown, right = _wide(long, data, order)
-    md = [f"# {family}", ""]
-    if note:
-        md += [note, ""]
-    md += [
-        f"Setting: {settings}. {len(order)} protocols{span}, {len(shown)} entries, "
-        f"{len(data)} task results.",
-        "",
-        f"## Accuracy (%) by {label}",
-        "",
-        "Rows are ordered by accuracy at the largest budget; — = not run.",
-        "",
-        markdown_table(shown, right).rstrip("\n"),
-        "",
-    ]
-    if ci_note:
-        md += [ci_note, ""]
-    rep = _reported_display(long)
-    if not rep.empty:
-        md += [
-            "## Reported in papers (not measured here)",
+    rep = long[long["kind"] == "reported"]
+    where = {
+        p: p if math.isnan(x) else f"{x:g}"
+        for p, x in zip(rep["protocol"], rep["x_value"], strict=True)
+    }
+    lay = _Layout(
+        title=family,
+        stem=stem,
+        order=order,
+        headers=_columns(long, order),
+        keys=_entry_order(long[long["kind"] == "measured"], order),
+        intro=[
+            f"Setting: {settings}. {len(order)} protocols{span}, {{n_entries}} entries, "
+            f"{len(data)} task results.",
             "",
-            "Numbers copied from the run cards (`baselines/*.toml`), beside the best measured "
-            "configuration of the same method; the papers' protocols may differ from ours "
-            "(see the cards' `differences`).",
-            "",
-            markdown_table(rep, [False, True, True, True, False]).rstrip("\n"),
-            "",
-        ]
-    secs, sright = _wide(long, data, order, seconds=True)
-    md += [f"## Seconds per task by {label}", "", markdown_table(secs, sright).rstrip("\n"), ""]
-    if png is not None:
-        md += [f"![accuracy vs {label}]({png.name})", ""]
-    if links:
-        md += ["## Per-protocol pages (with paired comparisons)", ""]
-        md += [f"- [{Path(name).stem}]({name})" for name in links] + [""]
-
-    paths = []
-    md_path = out / f"{stem}.md"
-    write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
-    paths.append(md_path)
-
-    csv_path = out / f"{stem}.csv"
-    to_csv(long, csv_path)
-    paths.append(csv_path)
-
-    tex_rows = [shown]
-    rep_long = long[long["kind"] == "reported"]
-    headers = _columns(long, order)
-    if not rep_long.empty:
-        extra = []
-        for (method, source), g in rep_long.groupby(["method", "source"], sort=False):
-            row = dict.fromkeys(shown.columns, "")
-            row["Method"] = f"{method} (reported: {_short_source(source)})"
-            hit = False
-            for _, r in g.iterrows():
-                if r["protocol"] in headers:
-                    row[headers[r["protocol"]]] = f"{r['accuracy']:.2f}"
-                    hit = True
-            if hit:
-                extra.append(row)
-        if extra:
-            tex_rows.append(pd.DataFrame(extra, columns=shown.columns))
-    tex_table = pd.concat(tex_rows, ignore_index=True)
-    caption = f"{family} ({settings}): mean accuracy (%) ± 95% CI by {label}"
-    if len(tex_rows) > 1:
-        caption += "; rows below the rule are reported in papers, not measured here"
-    tex = latex_table(
-        tex_table,
-        right,
-        caption=caption,
-        label=f"tab:{stem}",
-        rule_before=len(shown) if len(tex_rows) > 1 else None,
+        ],
+        axis=label,
+        order_note="Rows are ordered by accuracy at the largest budget; — = not run.",
+        where_header=str(long["x_label"].iloc[0]) or "x",
+        where=where,
+        where_right=True,
+        caption=f"{family} ({settings}): mean accuracy (%) ± 95% CI by {label}",
+        figures=[f"![accuracy vs {label}]({png.name})", ""] if png is not None else [],
     )
-    tex_path = out / f"{stem}.tex"
-    write_text_atomic(tex_path, tex)
-    paths.append(tex_path)
-    if png is not None:
-        paths.append(png)
-    return paths
+    paths = _write_page(long, data, lay, out, note=note, links=links, ci_note=ci_note)
+    return paths + ([png] if png is not None else [])
 
 
 def best_at_largest(df: pd.DataFrame, family: str) -> tuple[str, str, float, float]:
@@ -371,3 +534,156 @@ def best_at_largest(df: pd.DataFrame, family: str) -> tuple[str, str, float, flo
     measured = long[(long["kind"] == "measured") & (long["protocol"] == order[-1])]
     best = measured.loc[measured["accuracy"].idxmax()]
     return str(best["entry"]), headers[order[-1]], float(best["accuracy"]), float(best["ci95"])
+
+
+# --------------------------------------------------------------------------- group pages
+
+_NAME_TOKENS = re.compile(r"([-_.])")
+
+
+def group_headers(protocols: Sequence[str]) -> dict[str, str]:
+    """Protocol → column header of a group page: the names without the name parts they all
+    share at the start and at the end (``omniglot-5w1s``, ``omniglot-20w5s`` → ``5w1s``,
+    ``20w5s``; ``mini-imagenet-5w1s``, ``omniglot-5w1s`` → ``mini-imagenet``, ``omniglot``).
+    Parts are separated by ``-``, ``_`` or ``.``. The full names where fewer than two protocols
+    are given or where that would leave an empty or repeated header."""
+    names = list(dict.fromkeys(protocols))
+    if len(names) < 2:
+        return {p: p for p in names}
+    toks = [_NAME_TOKENS.split(p) for p in names]  # word, sep, word, ..., word
+    shortest = min(len(t) for t in toks)
+
+    def same(sl: Callable[[list[str]], list[str]]) -> bool:
+        return len({tuple(sl(t)) for t in toks}) == 1
+
+    head = 0  # leading (word, separator) pairs shared by all
+    while 2 * (head + 1) < shortest and same(lambda t, k=head + 1: t[: 2 * k]):
+        head += 1
+    tail = 0  # trailing (separator, word) pairs shared by all
+    while 2 * (head + tail + 1) < shortest and same(lambda t, k=tail + 1: t[len(t) - 2 * k :]):
+        tail += 1
+    short = ["".join(t[2 * head : len(t) - 2 * tail]) for t in toks]
+    if (head == 0 and tail == 0) or "" in short or len(set(short)) < len(short):
+        return {p: p for p in names}
+    return dict(zip(names, short, strict=True))
+
+
+def _mean_order(measured: pd.DataFrame) -> list[tuple[str, str]]:
+    """(method, config_hash) keys by the mean accuracy over the columns each entry has (best
+    first), then method and config hash."""
+    keys = []
+    for (m, c), g in measured.groupby(["method", "config_hash"], sort=True):
+        keys.append((-float(g["accuracy"].mean()), m, c))
+    return [(m, c) for _, m, c in sorted(keys)]
+
+
+def group_summary(
+    df: pd.DataFrame,
+    protocols: Sequence[str],
+    reported: Mapping[str, Reported] | None = None,
+    *,
+    name: str = "group",
+) -> pd.DataFrame:
+    """Long table of a group page (:data:`GROUP_COLUMNS`): one ``kind="measured"`` row per
+    (protocol, method, config_hash) of the given protocols, by protocol in the order given then
+    accuracy, then one ``kind="reported"`` row per number the papers report for them
+    (``reported`` maps protocol → method → ``value``, ``(value, source)`` or
+    ``(value, source, ci)``). ``column`` is the protocol's header (:func:`group_headers`).
+
+    Entries are (method, config_hash); the runner's config hash covers the backbone, so one
+    method on two backbones gives two entries, labelled by their backbones."""
+    order = list(dict.fromkeys(protocols))
+    if not order:
+        raise ReportError("a group page needs at least one protocol")
+    data = prepare(df)
+    sub = data[data["protocol"].isin(order)]
+    if sub.empty:
+        known = sorted(data["protocol"].unique())
+        raise ReportError(f"no results for any of {order}; protocols with results: {known}")
+    headers = group_headers(order)
+    table = _measured(sub, order, _backbone_labels)
+    table["group"] = name
+    table["column"] = table["protocol"].map(headers)
+    table["kind"] = "measured"
+    table["source"] = ""
+    rows = []
+    rep = reported or {}
+    for protocol in order:
+        items = sorted(_reported_items(rep.get(protocol, {})))
+        for method, value, source, ci in items:
+            rows.append(
+                _reported_row(
+                    method,
+                    value,
+                    source,
+                    ci,
+                    group=name,
+                    protocol=protocol,
+                    column=headers[protocol],
+                )
+            )
+    parts = [table[GROUP_COLUMNS]]
+    if rows:
+        parts.append(pd.DataFrame(rows, columns=GROUP_COLUMNS))
+    out = pd.concat(parts, ignore_index=True)
+    return out.astype({"n_seeds": int, "n_tasks": int})
+
+
+def write_group_page(
+    df: pd.DataFrame,
+    protocols: Sequence[str],
+    out_dir: str | Path,
+    reported: Mapping[str, Reported] | None = None,
+    *,
+    name: str,
+    notes: Sequence[str] = (),
+    stem: str | None = None,
+    links: Sequence[str] = (),
+    ci_note: str = "",
+) -> list[Path]:
+    """Write ``<name>.md``, ``.csv`` (:func:`group_summary`, numbers as numbers) and ``.tex``
+    (wide) into ``out_dir``: one row per entry, one column per protocol in the order given
+    (— where an entry did not run it; a protocol without results is an empty column), rows by
+    the mean accuracy over the columns each has. ``notes``: dataset lines; ``links``:
+    per-protocol page file names to list. Return the paths."""
+    from fewshot_bench.report import safe_name
+
+    order = list(dict.fromkeys(protocols))
+    long = group_summary(df, order, reported, name=name)
+    data = prepare(df)
+    data = data[data["protocol"].isin(order)]
+    headers = group_headers(order)
+    measured = long[long["kind"] == "measured"]
+    settings = _settings(data)
+    missing = [p for p in order if p not in set(data["protocol"])]
+    intro = [
+        f"Setting: {settings}. {len(order)} protocols, {{n_entries}} entries, "
+        f"{len(data)} task results.",
+        "",
+    ]
+    if any(headers[p] != p for p in order):
+        intro += ["Columns: " + ", ".join(f"{headers[p]} = {p}" for p in order) + ".", ""]
+    if missing:
+        intro += [f"No results yet: {', '.join(missing)}.", ""]
+    lay = _Layout(
+        title=name,
+        stem=stem or safe_name(name),
+        order=order,
+        headers=headers,
+        keys=_mean_order(measured),
+        intro=intro,
+        axis="protocol",
+        order_note=(
+            "Rows are ordered by the mean accuracy over the columns each row has; — = not run "
+            "(left out of that mean). Tasks: episodes per cell, all seeds (a range where cells "
+            "differ)."
+        ),
+        where_header="Protocol",
+        where={p: p for p in order},
+        where_right=False,
+        caption=f"{name} ({settings}): mean accuracy (%) ± 95% CI per protocol",
+        tasks=True,
+        backbone=short_backbone,
+    )
+    note = "\n\n".join(n for n in notes if n)
+    return _write_page(long, data, lay, Path(out_dir), note=note, links=links, ci_note=ci_note)

@@ -111,3 +111,18 @@ def dataset_note(protocols: str | Sequence[str], data_root: str | Path | None = 
     if missing:
         text += f" ({', '.join(missing)}: no protocol file found.)"
     return text
+
+
+def dataset_notes(protocols: Sequence[str], data_root: str | Path | None = None) -> list[str]:
+    """:func:`dataset_note` for protocols of possibly different datasets (a group page): one
+    line per dataset, in order of first appearance, with that dataset's protocols; protocols
+    without a protocol file share one line. Repeated lines are dropped."""
+    by_dataset: dict[str, list[str]] = {}
+    for name in dict.fromkeys(protocols):
+        proto = find_protocol(name)
+        key = "" if proto is None else str(proto.dataset["name"])
+        by_dataset.setdefault(key, []).append(name)
+    notes = [dataset_note(names, data_root) for key, names in by_dataset.items() if key]
+    if "" in by_dataset:
+        notes.append(dataset_note(by_dataset[""], data_root))
+    return list(dict.fromkeys(notes))
