@@ -368,3 +368,28 @@ def test_write_leaderboard(tmp_path, ssl_df, episodic_df):
 def test_ci_dataclass_str():
     ci = CI(0.5, 0.01, 10, 0.02, "t")
     assert str(ci) == "0.5000 ± 0.0100"
+
+
+def test_entries_are_named_by_their_non_default_parameters():
+    import json
+
+    from fewshot_bench.report.tables import changed_params
+
+    cfg = json.dumps(
+        {
+            "method": "propagation-classifier",
+            "params": {"propagator": "spectral", "k": 10, "l2": 1e-3},
+            "backbone": "pixels",
+        }
+    )
+    assert changed_params(cfg) == "propagator=spectral"
+    ft = json.dumps({"method": "finetune", "params": {"init": "/x/y/conv4-inst.pt", "lr": 3e-3}})
+    assert changed_params(ft) == "init=conv4-inst.pt"
+    assert changed_params(None) == changed_params("not json") == ""
+    assert changed_params(json.dumps({"method": "no-such-method", "params": {"a": 1}})) == ""
+    rows = [
+        {**_row("p", "propagation-classifier", 0, t, 0.5 + 0.1 * t), "config": cfg}
+        for t in range(3)
+    ]
+    board = leaderboard(pd.DataFrame(rows), "p")
+    assert board["entry"].tolist() == ["propagation-classifier (propagator=spectral)"]

@@ -20,8 +20,10 @@ from fewshot_bench.report.plots import axis_label, families, protocol_family
 from fewshot_bench.report.stats import ReportError, prepare
 from fewshot_bench.report.tables import (
     Reported,
+    _entry_labels,
     _fmt_mean_ci,
     _join_unique,
+    entry_name,
     latex_table,
     markdown_table,
     summarise,
@@ -113,15 +115,6 @@ def _reported_row(method: str, value: float, source: str, ci: float, **fields) -
     }
 
 
-def _hash_labels(table: pd.DataFrame) -> list[str]:
-    """Method names, with a short config hash where one method has several configurations."""
-    counts = table.groupby("method")["config_hash"].transform("nunique")
-    return [
-        f"{m} [{c[:8]}]" if n > 1 else m
-        for m, c, n in zip(table["method"], table["config_hash"], counts, strict=True)
-    ]
-
-
 def short_backbone(spec: str) -> str:
     """A readable backbone name: ``"checkpoint:/x/conv4-ce.pt"`` → ``"conv4-ce.pt"``; other
     ``prefix:path`` specs keep their prefix (``"prefix:file"``); ``"pixels"`` stays as it is.
@@ -139,20 +132,22 @@ def short_backbone(spec: str) -> str:
 def _backbone_labels(table: pd.DataFrame) -> list[str]:
     """Method names; where a method has several entries, qualified by the short backbone when
     that tells them apart, else by the short config hash (``"lp [conv4.pt, 1a2b3c4d]"``)."""
-    entries = table.drop_duplicates(["method", "config_hash"])
+    entries = table.drop_duplicates(["method", "config_hash"]).copy()
+    params = entries["params"] if "params" in entries else pd.Series("", index=entries.index)
+    entries["_name"] = [entry_name(m, p) for m, p in zip(entries["method"], params, strict=True)]
     labels: dict[tuple[str, str], str] = {}
-    for method, g in entries.groupby("method", sort=False):
+    for name, g in entries.groupby("_name", sort=False):
         if len(g) == 1:
-            labels[(method, g["config_hash"].iloc[0])] = method
+            labels[(g["method"].iloc[0], g["config_hash"].iloc[0])] = name
             continue
         short = [short_backbone(b) for b in g["backbone"]]
-        for c, b in zip(g["config_hash"], short, strict=True):
+        for m, c, b in zip(g["method"], g["config_hash"], short, strict=True):
             if short.count(b) == 1:
-                labels[(method, c)] = f"{method} [{b}]"
+                labels[(m, c)] = f"{name} [{b}]"
             elif len(set(short)) > 1:
-                labels[(method, c)] = f"{method} [{b}, {c[:8]}]"
+                labels[(m, c)] = f"{name} [{b}, {c[:8]}]"
             else:
-                labels[(method, c)] = f"{method} [{c[:8]}]"
+                labels[(m, c)] = f"{name} [{c[:8]}]"
     return [labels[(m, c)] for m, c in zip(table["method"], table["config_hash"], strict=True)]
 
 
@@ -405,7 +400,7 @@ def family_summary(
     order = family_protocols(sub, family)
     xs = sub.groupby("protocol")["x_value"].min().to_dict()
     label = axis_label(sub)
-    table = _measured(sub, order, _hash_labels)
+    table = _measured(sub, order, _entry_labels)
     table["family"] = family
     table["x_value"] = table["protocol"].map(xs)
     table["x_label"] = label

@@ -7,6 +7,7 @@ Tables are plain DataFrames with numeric columns (accuracy in percent); the rend
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ SUMMARY_COLUMNS = [
     "config_hash",
     "setting",
     "backbone",
+    "params",
     "n_tasks",
     "n_seeds",
     "accuracy",
@@ -43,6 +45,30 @@ SUMMARY_COLUMNS = [
     "seconds",
     "device",
 ]
+
+
+def changed_params(config: str | None) -> str:
+    """The parameters of a stored run ``config`` (JSON) that differ from its method's registered
+    defaults, as ``"k=v, k2=v2"`` (file paths shortened to the file name); ``""`` when none
+    differ, the config is missing or the method is not registered here."""
+    if not isinstance(config, str) or not config:
+        return ""
+    from fewshot_bench.errors import FsbenchError
+    from fewshot_bench.methods import get_method
+
+    try:
+        doc = json.loads(config)
+        defaults = get_method(doc["method"]).defaults
+    except (ValueError, KeyError, TypeError, FsbenchError):
+        return ""
+    parts = []
+    for key, value in sorted(doc.get("params", {}).items()):
+        if key in defaults and defaults[key] == value:
+            continue
+        if isinstance(value, str) and ("/" in value or "\\" in value):
+            value = Path(value).name
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
 
 
 def _join_unique(values: pd.Series) -> str:
@@ -70,6 +96,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
                 "config_hash": config,
                 "setting": _join_unique(g["setting"]),
                 "backbone": _join_unique(g["backbone"]) if "backbone" in g else "",
+                "params": changed_params(g["config"].iloc[0]) if "config" in g else "",
                 "n_tasks": len(g),
                 "n_seeds": int(g["seed"].nunique()),
                 "accuracy": acc.ci.mean * 100,
@@ -131,12 +158,24 @@ _BOARD_ORDER = [
 ]
 
 
+def entry_name(method: str, params: str) -> str:
+    """``method`` with its non-default parameters: ``"finetune (init=conv4.pt)"``."""
+    return f"{method} ({params})" if params else method
+
+
 def _entry_labels(table: pd.DataFrame) -> list[str]:
-    """Method names, with a short config hash where one method has several configurations."""
-    counts = table.groupby("method")["config_hash"].transform("nunique")
+    """Method names with their non-default parameters, plus a short config hash where that
+    still leaves one name for several configurations."""
+    params = table["params"] if "params" in table else pd.Series("", index=table.index)
+    names = [entry_name(m, p) for m, p in zip(table["method"], params, strict=True)]
+    counts = (
+        pd.DataFrame({"name": names, "c": table["config_hash"].to_numpy()})
+        .groupby("name")["c"]
+        .transform("nunique")
+    )
     return [
-        f"{m} [{c[:8]}]" if n > 1 else m
-        for m, c, n in zip(table["method"], table["config_hash"], counts, strict=True)
+        f"{n} [{c[:8]}]" if k > 1 else n
+        for n, c, k in zip(names, table["config_hash"], counts, strict=True)
     ]
 
 
