@@ -161,7 +161,8 @@ def write_leaderboard(
         md += [f"Family page (all budgets): [{Path(family_page).stem}]({family_page})", ""]
     if group_page:
         md += [f"Group page: [{Path(group_page).stem}]({group_page})", ""]
-    md += [to_markdown(board).rstrip("\n"), "", CI_NOTE, ""]
+    shown = board.assign(backbone=board["backbone"].map(short_backbone))
+    md += [to_markdown(shown).rstrip("\n"), "", CI_NOTE, ""]
     if len(board) > 1:
         pairs = comparison_table(data, protocol)
         if (pairs["n_shared"] > 0).any():
