@@ -101,7 +101,7 @@ def test_family_summary_long(sweep_df):
     long = family_summary(sweep_df, FAMILY, REPORTED)
     measured = long[long.kind == "measured"]
     assert len(measured) == 11 and list(dict.fromkeys(measured.x_value)) == [50.0, 250.0, 1000.0]
-    assert set(measured.entry) == {"lr", "lp [cfg-lp-a]", "lp [cfg-lp-b]", "mt"}
+    assert set(measured.entry) == {"lr", "lp [pixels]", "lp [conv4]", "mt"}
     cell = measured[(measured.protocol == f"{FAMILY}-250") & (measured.method == "lr")].iloc[0]
     ci = mean_ci([0.70 + e for e in SEED_NOISE], method="t")  # Student-t over the 3 seeds
     assert cell.accuracy == pytest.approx(ci.mean * 100)
@@ -132,7 +132,7 @@ def test_write_family_pages(tmp_path, sweep_df):
     assert header[:4] == ["Method", "Setting", "Backbone", "Seeds"]
     assert header[4:] == ["50 labels", "250 labels", "1000 labels", "s / task (all)"]
     # ordered by accuracy at 1000 labels; mt (not run at 1000) last
-    assert [r[0] for r in table[1:]] == ["lp [cfg-lp-a]", "lr", "lp [cfg-lp-b]", "mt"]
+    assert [r[0] for r in table[1:]] == ["lp [pixels]", "lr", "lp [conv4]", "mt"]
     lr = table[2]
     ci = mean_ci([0.70 + e for e in SEED_NOISE], method="t")
     assert lr[1:4] == ["inductive", "pixels", "3"]
@@ -263,7 +263,7 @@ def test_cli_leaderboard_all(tmp_path, workdir, capsys):
     ci = mean_ci([0.90 + e for e in SEED_NOISE], method="t")
     assert best[1:] == [
         "3",
-        "lp [cfg-lp-a]",
+        "lp [pixels]",
         "1000 labels",
         f"{ci.mean * 100:.2f} ± {ci.half_width * 100:.2f}",
     ]

@@ -20,7 +20,6 @@ from fewshot_bench.report.plots import axis_label, families, protocol_family
 from fewshot_bench.report.stats import ReportError, prepare
 from fewshot_bench.report.tables import (
     Reported,
-    _entry_labels,
     _fmt_mean_ci,
     _join_unique,
     entry_name,
@@ -400,7 +399,7 @@ def family_summary(
     order = family_protocols(sub, family)
     xs = sub.groupby("protocol")["x_value"].min().to_dict()
     label = axis_label(sub)
-    table = _measured(sub, order, _entry_labels)
+    table = _measured(sub, order, _backbone_labels)
     table["family"] = family
     table["x_value"] = table["protocol"].map(xs)
     table["x_label"] = label
@@ -515,6 +514,7 @@ def write_family_page(
         where=where,
         where_right=True,
         caption=f"{family} ({settings}): mean accuracy (%) ± 95% CI by {label}",
+        backbone=short_backbone,
         figures=[f"![accuracy vs {label}]({png.name})", ""] if png is not None else [],
     )
     paths = _write_page(long, data, lay, out, note=note, links=links, ci_note=ci_note)
