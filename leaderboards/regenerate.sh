@@ -27,7 +27,6 @@ omniglot() {
     fsbench run $p -m protonet:train_shot=5,steps=2000,lr_decay_every=700 $W
   done
   fsbench run omniglot-5w1s -m maml:meta_batch=16,steps=400 $W
-  fsbench run omniglot-5w5s -m maml:k_shot=5,meta_batch=16,steps=300 $W
   for p in omniglot-5w1s omniglot-5w5s omniglot-20w1s omniglot-20w5s; do
     fsbench run $p "${feat[@]}" --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" --max-tasks 600 $W
   done
