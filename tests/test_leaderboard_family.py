@@ -252,7 +252,7 @@ def test_cli_leaderboard_all(tmp_path, workdir, capsys):
     assert not (out / "cifar10-ssl.md").exists()  # one CIFAR-10 budget: no family page
 
     index = _table_rows((out / "index.md").read_text(), "# Leaderboards")
-    assert index[0] == ["Page", "Protocols", "Best entry", "At", "Accuracy (%)"]
+    assert index[0] == ["Page", "Protocols", "Best entry", "Setting", "At", "Accuracy (%)"]
     by_page = {r[0]: r for r in index[1:]}
     assert set(by_page) == {
         "[cifar10-ssl](cifar10-ssl-250.md)",
@@ -264,6 +264,7 @@ def test_cli_leaderboard_all(tmp_path, workdir, capsys):
     assert best[1:] == [
         "3",
         "lp [pixels]",
+        "semi-supervised",
         "1000 labels",
         f"{ci.mean * 100:.2f} ± {ci.half_width * 100:.2f}",
     ]

@@ -310,18 +310,21 @@ class PageLine:
     where: str
     accuracy: float
     ci95: float
+    setting: str = ""
 
 
 def _page_line(data: pd.DataFrame, family: str) -> PageLine:
     protos = family_protocols(data, family)
     if len(protos) > 1:
-        entry, where, acc, hw = best_at_largest(data, family)
+        entry, where, acc, hw, setting = best_at_largest(data, family)
         page = f"{_family_stem(family, protos)}.md"
-        return PageLine(family, page, len(protos), entry, where, acc, hw)
+        return PageLine(family, page, len(protos), entry, where, acc, hw, setting)
     board = leaderboard(data, protos[0])
     top = board.iloc[0]
     page = f"{safe_name(protos[0])}.md"
-    return PageLine(family, page, 1, str(top["entry"]), protos[0], top["accuracy"], top["ci95"])
+    return PageLine(
+        family, page, 1, str(top["entry"]), protos[0], top["accuracy"], top["ci95"], top["setting"]
+    )
 
 
 def write_index(lines: Sequence[PageLine], out_dir: str | Path) -> Path:
@@ -334,19 +337,22 @@ def write_index(lines: Sequence[PageLine], out_dir: str | Path) -> Path:
                 "Page": f"[{ln.family}]({ln.page})",
                 "Protocols": str(ln.n_protocols),
                 "Best entry": ln.best,
+                "Setting": ln.setting,
                 "At": ln.where,
                 "Accuracy (%)": acc,
             }
         )
-    shown = pd.DataFrame(rows, columns=["Page", "Protocols", "Best entry", "At", "Accuracy (%)"])
+    columns = ["Page", "Protocols", "Best entry", "Setting", "At", "Accuracy (%)"]
+    shown = pd.DataFrame(rows, columns=columns)
     text = "\n".join(
         [
             "# Leaderboards",
             "",
             "One line per protocol family; for sweeps the best entry is the one at the largest "
-            "budget. Accuracy is the mean ± 95% CI measured here.",
+            "budget; its setting says whether it saw the queries (transductive) or the unlabeled "
+            "pool (semi-supervised). Accuracy is the mean ± 95% CI measured here.",
             "",
-            markdown_table(shown, [False, True, False, False, True]).rstrip("\n"),
+            markdown_table(shown, [False, True, False, False, False, True]).rstrip("\n"),
         ]
     )
     path = Path(out_dir) / "index.md"

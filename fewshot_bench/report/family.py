@@ -521,14 +521,21 @@ def write_family_page(
     return paths + ([png] if png is not None else [])
 
 
-def best_at_largest(df: pd.DataFrame, family: str) -> tuple[str, str, float, float]:
-    """(entry, x header, accuracy %, ci95) of the best entry at the family's largest x value."""
+def best_at_largest(df: pd.DataFrame, family: str) -> tuple[str, str, float, float, str]:
+    """(entry, x header, accuracy %, ci95, setting) of the best entry at the family's largest x
+    value."""
     long = family_summary(df, family)
     order = family_protocols(df, family)
     headers = _columns(long, order)
     measured = long[(long["kind"] == "measured") & (long["protocol"] == order[-1])]
     best = measured.loc[measured["accuracy"].idxmax()]
-    return str(best["entry"]), headers[order[-1]], float(best["accuracy"]), float(best["ci95"])
+    return (
+        str(best["entry"]),
+        headers[order[-1]],
+        float(best["accuracy"]),
+        float(best["ci95"]),
+        str(best["setting"]),
+    )
 
 
 # --------------------------------------------------------------------------- group pages
