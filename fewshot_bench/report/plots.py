@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -65,6 +66,24 @@ def _series_labels(keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str
     return labels
 
 
+def _entry_names(df: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(method, config_hash) → the leaderboards' entry label (non-default parameters, backbone
+    file name where a method has several entries)."""
+    from fewshot_bench.report.family import _backbone_labels  # noqa: PLC0415 (import cycle)
+    from fewshot_bench.report.tables import changed_params  # noqa: PLC0415
+
+    cols = ["method", "config_hash"] + [c for c in ("backbone", "config") if c in df.columns]
+    entries = df[cols].drop_duplicates(["method", "config_hash"]).reset_index(drop=True)
+    if "backbone" not in entries:
+        entries["backbone"] = ""
+    entries["backbone"] = entries["backbone"].fillna("").astype(str)
+    configs = entries["config"] if "config" in entries else [None] * len(entries)
+    entries["params"] = [changed_params(c) for c in configs]
+    labels = _backbone_labels(entries)
+    keys = zip(entries["method"], entries["config_hash"], strict=True)
+    return dict(zip(keys, labels, strict=True))
+
+
 def curve_table(df: pd.DataFrame, x: str = "x_value") -> pd.DataFrame:
     """The points behind :func:`plot_accuracy_curve`: one row per series and x value, with
     ``accuracy`` and ``ci95`` in percent and the CI unit (``ci_over``)."""
@@ -78,6 +97,12 @@ def curve_table(df: pd.DataFrame, x: str = "x_value") -> pd.DataFrame:
         {(m, c, s) for m, c, s in df[["method", "config_hash", "setting"]].itertuples(index=False)}
     )
     labels = _series_labels(keys)
+    names = _entry_names(df)
+    if len(set(names.values())) == len(names):  # readable names (params, backbone) when unique
+        settings = {s for _, _, s in keys}
+        for m, c, s in keys:
+            suffix = f" ({s})" if len(settings) > 1 and s else ""
+            labels[(m, c, s)] = names[(m, c)] + suffix
     rows = []
     for (m, c, s, xv), g in df.groupby(["method", "config_hash", "setting", "_x"], sort=True):
         agg = aggregate(g, "accuracy")
@@ -127,16 +152,26 @@ def plot_accuracy_curve(
         fams = sorted(set(families(with_x)))
         title = f"{', '.join(fams)}: accuracy vs {x_label}"
 
-    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    n_series = points["series"].nunique()
+    many = n_series > 6
+    fig = Figure(figsize=(10.0, 4.8) if many else (6.4, 4.4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     xs_all = np.sort(points["x"].unique())
-    for series, g in points.groupby("series", sort=False):
-        g = g.sort_values("x")
+    colors = matplotlib.colormaps["tab20" if n_series > 10 else "tab10"].colors
+    styles = ["-", "--", ":", "-."]
+    # best series at the largest x first, so the legend reads like the leaderboard
+    last = points[points["x"] == xs_all[-1]].sort_values("accuracy", ascending=False)["series"]
+    order = list(dict.fromkeys([*last, *points["series"]]))
+    for i, series in enumerate(order):
+        g = points[points["series"] == series].sort_values("x")
         xs, ys, hw = g["x"].to_numpy(), g["accuracy"].to_numpy(), g["ci95"].to_numpy()
-        (line,) = ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=str(series))
+        color = colors[i % len(colors)]
+        style = styles[(i // len(colors)) % len(styles)]
+        ax.plot(xs, ys, style, color=color, marker="o", markersize=4, linewidth=1.5, label=series)
         if np.isfinite(hw).any():
-            ax.fill_between(xs, ys - hw, ys + hw, color=line.get_color(), alpha=0.2, linewidth=0)
+            band = 0.08 if many else 0.2
+            ax.fill_between(xs, ys - hw, ys + hw, color=color, alpha=band, linewidth=0)
     positive = xs_all[xs_all > 0]
     if len(positive) == len(xs_all) and len(xs_all) > 1 and xs_all.max() / xs_all.min() > 10:
         ax.set_xscale("log")
@@ -150,7 +185,10 @@ def plot_accuracy_curve(
     ax.set_ylabel("accuracy (%) ± 95% CI")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    if many:
+        ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
