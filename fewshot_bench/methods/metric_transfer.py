@@ -18,16 +18,15 @@ from typing import Any
 import torch
 
 from fewshot_bench.backbones.checkpoint import CheckpointEmbedder
-from fewshot_bench.errors import ProtocolError
-from fewshot_bench.graph.confidence import confident_pseudo_labels
 from fewshot_bench.methods.base import TaskContext
 from fewshot_bench.methods.mean_teacher import Finetune
 from fewshot_bench.methods.propagation import (
     CONFIDENCE_DEFAULTS,
     DIFFUSION_DEFAULTS,
     GRAPH_DEFAULTS,
-    PROPAGATORS,
     SPECTRAL_DEFAULTS,
+    make_propagator,
+    select_pseudo_labels,
 )
 from fewshot_bench.methods.registry import register_method
 from fewshot_bench.tasks.task import Task
@@ -51,19 +50,9 @@ class PropagationFinetune(Finetune):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        if self.params["propagator"] not in PROPAGATORS:
-            raise ProtocolError(
-                f"propagator must be one of {sorted(PROPAGATORS)}, not {self.params['propagator']!r}"
-            )
+        make_propagator(self.params)  # an unknown propagator fails here, not mid-run
         #: the last task's pseudo-labels (indices into task.unlabeled, labels, α), for inspection
         self.last_pseudo_labels = None
-
-    def _propagation_params(self) -> dict[str, Any]:
-        cls = PROPAGATORS[self.params["propagator"]]
-        params = {k: v for k, v in self.params.items() if k in cls.defaults}
-        if self.params["propagator"] == "nn":
-            params["sigma"] = self.params["nn_sigma"]
-        return params
 
     def training_set(
         self, task: Task, ctx: TaskContext
@@ -75,16 +64,8 @@ class PropagationFinetune(Finetune):
         sup = embedder.embed(task.support, ctx.device)
         unl = embedder.embed(task.unlabeled, ctx.device)
         feature_task = Task(sup, task.support_labels, unl, sup[:0], task.n_way, "features")
-        propagator = PROPAGATORS[self.params["propagator"]](**self._propagation_params())
-        scores = propagator.propagate_unlabeled(feature_task, ctx)
-        p = self.params
-        pl = confident_pseudo_labels(
-            scores.cpu(),
-            k=p["top_k"],
-            k_per_class=p["k_per_class"],
-            min_alpha=float(p["min_alpha"]),
-            tau=float(p["tau"]),
-        )
+        scores = make_propagator(self.params).propagate_unlabeled(feature_task, ctx)
+        pl = select_pseudo_labels(scores.cpu(), self.params)
         self.last_pseudo_labels = pl
         x = torch.cat([task.support, task.unlabeled[pl.indices]])
         y = torch.cat([task.support_labels.long(), pl.labels.long()])

@@ -426,14 +426,16 @@ class NNPropagation(PropagationMethod):
         sigma = float(p["sigma"])
         if not p["use_unlabeled"] or unl.shape[0] == 0:
             return vote(sup, labels, qry, task.n_way, sigma).cpu()
-        pl = _select(vote(sup, labels, unl, task.n_way, sigma), p)
+        pl = select_pseudo_labels(vote(sup, labels, unl, task.n_way, sigma), p)
         x = torch.cat([sup, unl[pl.indices]])
         y = torch.cat([labels, pl.labels])
         w = torch.cat([torch.ones(sup.shape[0], device=ctx.device), pl.alpha])
         return vote(x, y, qry, task.n_way, sigma, weights=w).cpu()
 
 
-def _select(scores: torch.Tensor, p: dict[str, Any]) -> PseudoLabels:
+def select_pseudo_labels(scores: torch.Tensor, p: dict[str, Any]) -> PseudoLabels:
+    """Confident pseudo-labels of ``scores`` under a method's ``top_k``, ``k_per_class``,
+    ``min_alpha`` and ``tau`` parameters (:data:`CONFIDENCE_DEFAULTS`)."""
     return confident_pseudo_labels(
         scores,
         k=p.get("top_k"),
@@ -448,6 +450,19 @@ PROPAGATORS: dict[str, type[PropagationMethod]] = {
     "spectral": SpectralPropagation,
     "nn": NNPropagation,
 }
+
+
+def make_propagator(params: dict[str, Any]) -> PropagationMethod:
+    """The propagation method named by ``params["propagator"]`` ("diffusion" | "spectral" |
+    "nn"), built from the entries of ``params`` it accepts (``nn_sigma`` as the NN ``sigma``)."""
+    name = params["propagator"]
+    if name not in PROPAGATORS:
+        raise ProtocolError(f"propagator must be one of {sorted(PROPAGATORS)}, not {name!r}")
+    cls = PROPAGATORS[name]
+    kwargs = {k: v for k, v in params.items() if k in cls.defaults}
+    if name == "nn":
+        kwargs["sigma"] = params["nn_sigma"]
+    return cls(**kwargs)
 
 
 @register_method("propagation-classifier")
@@ -476,14 +491,7 @@ class PropagationClassifier(PropagationMethod):
         return self.setting if task.unlabeled.shape[0] else "inductive"
 
     def _propagator(self) -> PropagationMethod:
-        name = self.params["propagator"]
-        if name not in PROPAGATORS:
-            raise ProtocolError(f"propagator must be one of {sorted(PROPAGATORS)}, not {name!r}")
-        cls = PROPAGATORS[name]
-        params = {k: v for k, v in self.params.items() if k in cls.defaults}
-        if name == "nn":
-            params["sigma"] = self.params["nn_sigma"]
-        return cls(**params)
+        return make_propagator(self.params)
 
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         return self._propagator().propagate_unlabeled(task, ctx)
@@ -494,7 +502,7 @@ class PropagationClassifier(PropagationMethod):
         labels = task.support_labels.to(ctx.device).long()
         x, y, w = sup, labels, torch.ones(sup.shape[0], device=ctx.device)
         if unl.shape[0]:
-            pl = _select(self.propagate_unlabeled(task, ctx).to(ctx.device), p)
+            pl = select_pseudo_labels(self.propagate_unlabeled(task, ctx).to(ctx.device), p)
             self.last_pseudo_labels = pl
             x = torch.cat([sup, unl[pl.indices]])
             y = torch.cat([labels, pl.labels])
@@ -540,6 +548,8 @@ __all__ = [
     "NNPropagation",
     "PropagationClassifier",
     "SpectralPropagation",
-    "pseudo_label_unlabeled",
+    "make_propagator",
     "prepare_task_features",
+    "pseudo_label_unlabeled",
+    "select_pseudo_labels",
 ]
