@@ -28,12 +28,7 @@ from fewshot_bench.report.tables import (
     summarise,
 )
 
-#: Columns of :func:`family_summary` (accuracy, CI and reported values in percent).
-FAMILY_COLUMNS = [
-    "family",
-    "protocol",
-    "x_value",
-    "x_label",
+_ENTRY_COLUMNS = [
     "kind",
     "entry",
     "method",
@@ -49,28 +44,11 @@ FAMILY_COLUMNS = [
     "device",
     "source",
 ]
-
+#: Columns of :func:`family_summary` (accuracy, CI and reported values in percent).
+FAMILY_COLUMNS = ["family", "protocol", "x_value", "x_label", *_ENTRY_COLUMNS]
 #: Columns of :func:`group_summary`; on ``kind="reported"`` rows ``ci95`` is the paper's ±
 #: (the card's ``reported_ci``, NaN when it gives none).
-GROUP_COLUMNS = [
-    "group",
-    "protocol",
-    "column",
-    "kind",
-    "entry",
-    "method",
-    "config_hash",
-    "setting",
-    "backbone",
-    "n_seeds",
-    "n_tasks",
-    "accuracy",
-    "ci95",
-    "ci_over",
-    "seconds",
-    "device",
-    "source",
-]
+GROUP_COLUMNS = ["group", "protocol", "column", *_ENTRY_COLUMNS]
 
 
 # --------------------------------------------------------------------------- shared pieces

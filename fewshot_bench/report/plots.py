@@ -50,22 +50,6 @@ def families(df: pd.DataFrame) -> pd.Series:
     return guessed
 
 
-def _series_labels(keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
-    configs: dict[str, set[str]] = {}
-    settings = {s for _, _, s in keys}
-    for m, c, _ in keys:
-        configs.setdefault(m, set()).add(c)
-    labels = {}
-    for m, c, s in keys:
-        label = m
-        if len(configs[m]) > 1:
-            label += f" [{c[:8]}]"
-        if len(settings) > 1 and s:
-            label += f" ({s})"
-        labels[(m, c, s)] = label
-    return labels
-
-
 def _entry_names(df: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(method, config_hash) → the leaderboards' entry label (non-default parameters, backbone
     file name where a method has several entries)."""
@@ -96,13 +80,12 @@ def curve_table(df: pd.DataFrame, x: str = "x_value") -> pd.DataFrame:
     keys = sorted(
         {(m, c, s) for m, c, s in df[["method", "config_hash", "setting"]].itertuples(index=False)}
     )
-    labels = _series_labels(keys)
-    names = _entry_names(df)
-    if len(set(names.values())) == len(names):  # readable names (params, backbone) when unique
-        settings = {s for _, _, s in keys}
-        for m, c, s in keys:
-            suffix = f" ({s})" if len(settings) > 1 and s else ""
-            labels[(m, c, s)] = names[(m, c)] + suffix
+    names = _entry_names(df)  # unique per (method, config): parameters, backbone or hash
+    settings = {s for _, _, s in keys}
+    labels = {
+        (m, c, s): names[(m, c)] + (f" ({s})" if len(settings) > 1 and s else "")
+        for m, c, s in keys
+    }
     rows = []
     for (m, c, s, xv), g in df.groupby(["method", "config_hash", "setting", "_x"], sort=True):
         agg = aggregate(g, "accuracy")
