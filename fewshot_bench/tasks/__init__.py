@@ -1,5 +1,5 @@
 """Tasks, episode samplers, semi-supervised splits, protocols and frozen manifests."""
 
-from fewshot_bench.tasks.task import Task, TaskIndices, TaskTruth, build_task
+from fewshot_bench.tasks.task import Task, TaskIndices, TaskTruth, task_truth
 
-__all__ = ["Task", "TaskIndices", "TaskTruth", "build_task"]
+__all__ = ["Task", "TaskIndices", "TaskTruth", "task_truth"]

@@ -134,6 +134,18 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
         )
     if isinstance(dataset["splits"], str):
         dataset["splits"] = [dataset["splits"]]
+    splits = dataset["splits"]
+    if not isinstance(splits, list) or not splits or not all(isinstance(x, str) for x in splits):
+        raise ProtocolError(
+            f"{source}: [dataset] splits must be a non-empty list of split names, got {splits!r}"
+        )
+    repeated = sorted({x for x in splits if splits.count(x) > 1})
+    if repeated:
+        raise ProtocolError(
+            f"{source}: [dataset] splits {splits} lists {', '.join(map(repr, repeated))} more than "
+            "once (the pool would hold those items twice, so one image could be support and query); "
+            "list each split once"
+        )
     run = {**RUN_DEFAULTS, **doc.get("run", {})}
     _check_keys(run, set(RUN_DEFAULTS), "run", source)
     if not run["seeds"] or not all(isinstance(s, int) and s >= 0 for s in run["seeds"]):
@@ -179,6 +191,12 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
             raise ProtocolError(
                 f"{source}: [ssl] {key} must be one of dataset.splits {dataset['splits']}"
             )
+    if ssl["labeled_split"] == ssl["query_split"]:
+        raise ProtocolError(
+            f"{source}: [ssl] labeled_split and query_split are both {ssl['query_split']!r}, so the "
+            "queries would be the labeled and unlabeled items themselves; set query_split to a "
+            "held-out split (e.g. 'test')"
+        )
     if ("n_labels" in ssl) == ("label_fraction" in ssl):
         raise ProtocolError(
             f"{source}: [ssl] needs exactly one of n_labels (list) or label_fraction (list)"

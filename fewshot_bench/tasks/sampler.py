@@ -89,14 +89,14 @@ class EpisodeSampler:
                 )
 
     def sample(self, seed: int, task_index: int) -> TaskIndices:
-        """Episode ``task_index`` of seed ``seed``."""
+        """Episode ``task_index`` of seed ``seed`` (query/unlabeled truth: ``task.task_truth``)."""
         p = self.p
         rng = task_rng(seed, task_index)
         n_way, k, q, m = p["n_way"], p["k_shot"], p["n_query"], p["n_unlabeled"]
         chosen = rng.choice(self.classes, size=n_way + p["n_distractor"], replace=False)
         episode, distractors = chosen[:n_way], chosen[n_way:]
-        sup, qry, unl, unl_lab = [], [], [], []
-        for j, c in enumerate(episode):
+        sup, qry, unl = [], [], []
+        for c in episode:
             items = rng.permutation(self.labeled[c])
             sup.append(items[:k])
             qry.append(items[k : k + q])
@@ -105,32 +105,26 @@ class EpisodeSampler:
                     items[k + q :] if self.unlabeled is None else rng.permutation(self.unlabeled[c])
                 )
                 unl.append(pool[:m])
-                unl_lab.append(np.full(m, j, dtype=np.int64))
         if m:
             for c in distractors:
                 pool = self.labeled[c] if self.unlabeled is None else self.unlabeled[c]
                 unl.append(rng.choice(pool, size=m, replace=False))
-                unl_lab.append(np.full(m, -1, dtype=np.int64))
-        labels = np.arange(n_way, dtype=np.int64)
         unlabeled = np.concatenate(unl) if unl else _EMPTY
-        unlabeled_labels = np.concatenate(unl_lab) if unl_lab else _EMPTY
         if len(unlabeled):
-            shuffle = rng.permutation(len(unlabeled))
-            unlabeled, unlabeled_labels = unlabeled[shuffle], unlabeled_labels[shuffle]
+            unlabeled = unlabeled[rng.permutation(len(unlabeled))]
         return TaskIndices(
             support=np.concatenate(sup).astype(np.int64),
-            support_labels=np.repeat(labels, k),
+            support_labels=np.repeat(np.arange(n_way, dtype=np.int64), k),
             unlabeled=unlabeled.astype(np.int64),
-            unlabeled_labels=unlabeled_labels,
             query=np.concatenate(qry).astype(np.int64),
-            query_labels=np.repeat(labels, q),
             classes=episode.astype(np.int64),
         )
 
 
 def ssl_split(pool: Pool, params: dict, seed: int, *, name: str = "protocol") -> TaskIndices:
     """One semi-supervised task: balanced labels from the labeled split, the rest unlabeled,
-    the query split as query. ``n_labels`` not divisible by the class count gives the first
+    the query split as query; ``classes`` are all pool classes, so episode label = pool label.
+    ``n_labels`` not divisible by the class count gives the first
     ``n_labels % C`` classes (in a seeded order) one extra label."""
     data = pool.data
     lab_idx = pool.indices_of_split(params["labeled_split"])
@@ -171,9 +165,7 @@ def ssl_split(pool: Pool, params: dict, seed: int, *, name: str = "protocol") ->
         support=chosen_global,
         support_labels=labels[chosen_global],
         unlabeled=unlabeled,
-        unlabeled_labels=labels[unlabeled],
         query=qry_idx,
-        query_labels=labels[qry_idx],
         classes=np.arange(n_classes, dtype=np.int64),
     )
 
