@@ -32,6 +32,17 @@ def _add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     )
 
 
+def _add_plugin(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import methods from a module or a .py file (in the method worker) before running; "
+        "repeat for several",
+    )
+
+
 def parse_method_spec(spec: str) -> tuple[str, dict]:
     """``name`` or ``name:key=value,key=value`` (values parsed as Python literals when possible)."""
     name, _, rest = spec.partition(":")
@@ -88,32 +99,31 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_episodes(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from fewshot_bench.tasks.external import export_episodes, import_episodes
-    from fewshot_bench.tasks.manifest import get_manifest, manifest_path, save_manifest
+    from fewshot_bench.tasks.external import export_episodes, import_task_set
+    from fewshot_bench.tasks.manifest import load_task_sets
     from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
+    from fewshot_bench.tasks.task import task_truth
 
     for proto in resolve_protocols(args.protocol):
         pool = load_pool(proto, args.data_root, download=args.download)
-        seeds = args.seeds or proto.run["seeds"]
-        for seed in seeds:
-            path = manifest_path(args.workdir, proto, seed)
-            if args.import_file:
-                if path.exists() and not args.force:
-                    raise FsbenchError(
-                        f"{path} exists; pass --force to replace it with imported episodes"
-                    )
-                save_manifest(import_episodes(args.import_file, proto, pool, seed), path)
-            manifest = get_manifest(proto, pool, seed, args.workdir)
+        if args.import_file:
+            path = import_task_set(args.import_file, proto, pool, args.workdir, force=args.force)
+            print(f"{proto.name}: imported {args.import_file} -> {path}")
+        for seed, manifest in load_task_sets(proto, pool, args.workdir, args.seeds).items():
             h = manifest.header
             first = manifest.task(0)
-            print(f"{proto.name} seed {seed}: {h['n_tasks']} tasks -> {path}")
-            print(f"  {proto.summary()}")
+            if manifest.imported:
+                print(f"{proto.name}: {h['n_tasks']} imported tasks ({h['source']})")
+                print(f"  from the file: n_way {h['n_way']}, queries per task {h['n_query']}")
+            else:
+                print(f"{proto.name} seed {seed}: {h['n_tasks']} tasks")
+                print(f"  {proto.summary()}")
             print(
                 f"  pool {h['pool_size']} items, dataset fingerprint {h['dataset_fingerprint'][:16]}, "
-                f"protocol hash {h['protocol_hash']}, source {h['source']}"
+                f"protocol hash {h['protocol_hash']}, manifest hash {manifest.content_hash[:16]}"
             )
             sizes = (len(first.support), len(first.unlabeled), len(first.query))
-            n_dis = int((first.unlabeled_labels < 0).sum())
+            n_dis = int(task_truth(first, pool.data.labels).distractor_mask.sum())
             print(
                 f"  task 0: {first.n_way}-way, support/unlabeled/query = {sizes}, distractor items {n_dis}"
             )
@@ -128,22 +138,36 @@ def cmd_episodes(args: argparse.Namespace) -> int:
                 )
             if args.export:
                 out = Path(str(args.export).format(protocol=proto.name, seed=seed))
-                export_episodes(manifest, out, pool.data.item_ids if args.item_ids else None)
+                if not out.parent.is_dir():
+                    raise FsbenchError(f"--export {out}: folder {out.parent} does not exist")
+                export_episodes(manifest, out, pool, item_ids=args.item_ids)
                 print(f"  exported to {out}")
     return 0
 
 
+def _method_specs(args: argparse.Namespace) -> list:
+    from fewshot_bench.run.executor import MethodSpec
+
+    specs = []
+    for spec in args.method:
+        name, params = parse_method_spec(spec)
+        specs.append(MethodSpec(name, params))
+    return specs
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from fewshot_bench.methods import get_method
+    from fewshot_bench.run.executor import shared_executor
     from fewshot_bench.run.runner import resolve_device, run_protocol
     from fewshot_bench.run.store import ResultsStore
     from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
 
     device = resolve_device(args.device)
-    methods = []
-    for spec in args.method:
-        name, params = parse_method_spec(spec)
-        methods.append(get_method(name)(**params))
+    if args.seeds is not None and any(s < 0 for s in args.seeds):
+        raise FsbenchError(f"--seeds must be integers >= 0, got {args.seeds}")
+    specs = _method_specs(args)
+    executor = shared_executor(tuple(args.plugin))
+    for spec in specs:  # unknown methods and bad parameters fail before anything runs
+        executor.describe(spec)
     protos = resolve_protocols(args.protocol)
     store_path = args.workdir / "results.sqlite"
     with ResultsStore(store_path) as store:
@@ -154,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pool, pool_key = load_pool(proto, args.data_root, download=args.download), key
             summaries = run_protocol(
                 proto,
-                methods,
+                specs,
                 store,
                 seeds=args.seeds,
                 workdir=args.workdir,
@@ -167,6 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pool=pool,
                 progress=not args.quiet,
                 save_state=args.save_state,
+                executor=executor,
             )
             for s in summaries:
                 done = f"{s.ran} run, {s.skipped} already stored"
@@ -178,27 +203,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _known_families() -> dict[str, str]:
-    """Protocol name → family, from the protocol files (empty when they cannot be read)."""
-    from fewshot_bench.tasks.protocol import all_protocols
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fewshot_bench.run.audit import audit_method
+    from fewshot_bench.run.executor import shared_executor
+    from fewshot_bench.tasks.protocol import resolve_protocols
 
-    try:
-        return {name: p.family for name, p in all_protocols().items()}
-    except FsbenchError:
-        return {}
+    if args.tasks < 1:
+        raise FsbenchError(f"--tasks must be >= 1, got {args.tasks}")
+    executor = shared_executor(tuple(args.plugin))
+    flagged = False
+    for proto in resolve_protocols(args.protocol):
+        for spec in _method_specs(args):
+            result = audit_method(
+                proto,
+                spec,
+                workdir=args.workdir,
+                root=args.data_root,
+                device=args.device,
+                backbone=args.backbone,
+                budget=args.budget,
+                seed=args.seed,
+                n_tasks=args.tasks,
+                executor=executor,
+            )
+            print("\n".join(result.lines()))
+            flagged |= not result.ok
+    return 1 if flagged else 0
+
+
+def _known_families(df) -> dict[str, str]:
+    """Protocol name → family, from the results store's rows (its ``family`` column)."""
+    from fewshot_bench.report import families
+
+    return dict(zip(df["protocol"], families(df), strict=True))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fewshot_bench.report import summarise, to_csv, to_latex, to_markdown
     from fewshot_bench.run.store import load_results
 
-    df = load_results(args.workdir / "results.sqlite", args.protocol or None)
+    store = args.workdir / "results.sqlite"
+    # read-only: a missing, empty or foreign file is an error, never a new store
+    df = load_results(store, args.protocol or None)
     if df.empty:
+        if not args.protocol:
+            raise FsbenchError(f"no results in {store}; run something first")
+        known = _known_families(load_results(store))
         raise FsbenchError(
-            f"no results in {args.workdir / 'results.sqlite'} for {args.protocol or 'any protocol'}"
+            f"no results in {store} for {', '.join(args.protocol)} (protocol or family names); "
+            f"protocols with results: {sorted(known) or 'none'}, "
+            f"families: {sorted(set(known.values())) or 'none'}"
         )
-    # rows by family, then label count / shots, then accuracy (see summarise)
-    df["family"] = df["protocol"].map(_known_families())
+    # rows by the store's family, then label count / shots, then accuracy (see summarise)
     table = summarise(df)
     render = {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}[args.format]
     print(render(table))
@@ -206,10 +262,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from fewshot_bench.report import write_all, write_family, write_group, write_leaderboards
+    from fewshot_bench.report import (
+        family_protocols,
+        write_all,
+        write_family,
+        write_group,
+        write_leaderboards,
+    )
     from fewshot_bench.report.cards import reported_by_protocol
     from fewshot_bench.run.store import load_results
-    from fewshot_bench.tasks.protocol import resolve_protocols
 
     store = args.workdir / "results.sqlite"
     if args.all == bool(args.protocol):
@@ -223,46 +284,49 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             f"{len(args.protocol)} protocols given: name their group page with --name, e.g. "
             f"`fsbench leaderboard {' '.join(args.protocol)} --name NAME` (writes NAME.md/.csv/.tex)"
         )
-    if args.name:
-        # a group page: one column per protocol in the order given (families expand in place)
-        protos = {}
-        for spec in args.protocol:
-            for p in resolve_protocols(spec):
-                protos.setdefault(p.name, p)
-        names = list(protos)
-        df = load_results(store, names)
-        if df.empty:
-            raise FsbenchError(
-                f"no results for {', '.join(args.protocol)} in {store}; run them first"
-            )
-        df["family"] = df["protocol"].map({n: p.family for n, p in protos.items()})
-        reported = reported_by_protocol(names, with_ci=True)
-        paths = write_group(df, names, args.name, args.out, reported, data_root=args.data_root)
-    elif args.all:
-        df = load_results(store)
-        if df.empty:
+    # Everything comes from the store (read-only): names are the protocols and families its
+    # rows record, never looked up in protocol files.
+    df = load_results(store, list(args.protocol) or None)
+    if df.empty:
+        if args.all:
             raise FsbenchError(f"no results in {store}; run something first")
-        known = _known_families()
-        df["family"] = df["protocol"].map(known)
-        reported = reported_by_protocol(sorted(set(known) | set(df["protocol"])))
-        paths = write_all(df, args.out, reported, data_root=args.data_root)
+        known = _known_families(load_results(store))
+        raise FsbenchError(
+            f"no results for {', '.join(args.protocol)} in {store} (as protocol or family "
+            f"names); protocols with results: {sorted(known) or 'none'}, "
+            f"families: {sorted(set(known.values())) or 'none'}"
+        )
+    fam_of = _known_families(df)
+    if args.name:
+        # a group page: one column per protocol in the order given (families expand in place,
+        # by budget); a name without results is an empty column ("No results yet")
+        names: list[str] = []
+        for spec in args.protocol:
+            if spec in fam_of:
+                names.append(spec)
+            elif spec in set(fam_of.values()):
+                names += family_protocols(df, spec)
+            else:
+                names.append(spec)
+        names = list(dict.fromkeys(names))
+        reported = reported_by_protocol(names, with_ci=True)
+        paths = write_group(df, names, args.name, args.out, reported)
+    elif args.all:
+        # paper numbers from the run cards in baselines/, for the protocols with results
+        reported = reported_by_protocol(sorted(fam_of))
+        paths = write_all(df, args.out, reported)
     else:
-        protos = resolve_protocols(args.protocol[0])
-        names = [p.name for p in protos]
-        df = load_results(store, names)
-        if df.empty:
-            raise FsbenchError(f"no results for {args.protocol[0]} in {store}; run it first")
-        df["family"] = df["protocol"].map({p.name: p.family for p in protos})
-        present = [n for n in names if n in set(df["protocol"])]
-        # paper numbers from the run cards in baselines/ (all of the family's protocols)
-        reported = reported_by_protocol(names)
-        fams = {p.family for p in protos if p.name in present}
-        if len(present) > 1 and len(fams) == 1:
-            paths = write_family(df, fams.pop(), args.out, reported, data_root=args.data_root)
+        spec = args.protocol[0]
+        if spec in fam_of:  # a protocol name first, then a family name (as `fsbench run`)
+            df = df[df["protocol"] == spec]
+            names = [spec]
         else:
-            paths = write_leaderboards(
-                df, args.out, present, reported=reported, data_root=args.data_root
-            )
+            names = family_protocols(df, spec)
+        reported = reported_by_protocol(names)
+        if len(names) > 1:
+            paths = write_family(df, spec, args.out, reported)
+        else:
+            paths = write_leaderboards(df, args.out, names, reported=reported)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -344,13 +408,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy the trained state of the (one) training method to this file, for init=",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_plugin(p)
     _add_common(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
+        "audit",
+        help="rerun a sample of an entry's tasks in another item order: flags methods whose "
+        "predictions depend on order, and stored rows that do not reproduce",
+    )
+    p.add_argument("protocol", help="protocol name, family name or path to a .toml file")
+    p.add_argument("--method", "-m", action="append", required=True, help="as for `run`")
+    p.add_argument("--backbone", default=None, help="as for `run`")
+    p.add_argument("--budget", type=int, default=None, help="as for `run`")
+    p.add_argument("--seed", type=int, default=None, help="which seed's tasks (default: first)")
+    p.add_argument("--tasks", type=int, default=20, help="how many tasks to rerun (default 20)")
+    p.add_argument("--device", default="auto", help="as for `run`")
+    _add_plugin(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
         "report", help="mean ± 95%% CI per protocol and method from the results store"
     )
-    p.add_argument("--protocol", nargs="*", help="only these protocols")
+    p.add_argument(
+        "--protocol",
+        nargs="*",
+        help="only these protocols or families (names as recorded in the results store)",
+    )
     p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
     _add_common(p, data=False)
     p.set_defaults(func=cmd_report)
@@ -361,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "protocol",
         nargs="*",
-        help="protocol or family name (a family of several protocols also gets a family page); "
-        "several names with --name: a group page with one column per protocol",
+        help="protocol or family name as recorded in the results store (a family of several "
+        "protocols also gets a family page); several names with --name: a group page with one "
+        "column per protocol",
     )
     p.add_argument(
         "--name",
@@ -379,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-root",
         default=None,
-        help="data root checked to say which copy of a dataset was read, e.g. CIFAR-10's JPEG "
-        "copy (default: $FSBENCH_DATA or ~/.cache/fewshot-bench/data)",
+        help="ignored, kept so older scripts still run: pages say which copy of a dataset was "
+        "read (e.g. CIFAR-10's JPEG copy) from the results store's data note, as the run recorded",
     )
     p.add_argument(
         "--out",

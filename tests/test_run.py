@@ -19,17 +19,18 @@ import torch
 from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods import (
     Method,
-    TaskContext,
     available_methods,
     get_method,
     register_method,
 )
+from fewshot_bench.run.executor import MethodSpec
 from fewshot_bench.run.runner import run_protocol, score_task
-from fewshot_bench.run.store import ResultRow, ResultsStore, load_results
+from fewshot_bench.run.store import COLUMNS, ResultRow, ResultsStore, load_results
 from fewshot_bench.tasks.protocol import load_pool, load_protocol_file
-from fewshot_bench.tasks.task import Task, TaskTruth
+from fewshot_bench.tasks.task import TaskTruth
 
 REPO = Path(__file__).resolve().parents[1]
+PROBES = str(Path(__file__).with_name("probe_methods.py"))
 N_TASKS = 60
 
 
@@ -103,26 +104,25 @@ def test_run_and_resume_in_process(small, tmp_path):
     assert set(df.setting) == {"inductive"} and set(df.device) == {"cpu"}
 
 
-def test_store_is_append_only(tmp_path):
-    row = ResultRow(
-        "p",
-        "h",
-        "m",
-        "c",
-        "inductive",
-        "pixels",
-        0,
-        0,
-        0.5,
-        None,
-        10,
-        0.1,
-        "cpu",
-        1.0,
-        "x",
-        "{}",
-        "t",
+def make_row(**overrides) -> ResultRow:
+    """A full v2 row with every field filled (overrides change some)."""
+    values = {f: "x" for f in COLUMNS}
+    values.update(
+        budget=None,
+        seed=0,
+        task_index=0,
+        accuracy=0.5,
+        top5=None,
+        n_query=10,
+        seconds=0.1,
+        x_value=1.0,
     )
+    values.update(overrides)
+    return ResultRow(**values)
+
+
+def test_store_is_append_only(tmp_path):
+    row = make_row()
     with ResultsStore(tmp_path / "r.sqlite") as store:
         assert store.append([row, row]) == 1
         assert store.append([row]) == 0
@@ -136,6 +136,28 @@ def test_store_is_append_only(tmp_path):
         ResultsStore(tmp_path / "junk.sqlite")
 
 
+def test_store_refuses_old_and_foreign_schemas_and_never_creates_on_read(tmp_path):
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as c:
+        c.execute("CREATE TABLE results (protocol TEXT, accuracy REAL)")
+        c.execute("INSERT INTO results VALUES ('p', 0.5)")
+    with pytest.raises(FsbenchError, match="schema version 0.*new --workdir"):
+        ResultsStore(old)
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as c:
+        c.execute("CREATE TABLE songs (title TEXT)")
+    with pytest.raises(FsbenchError, match="another program"):
+        ResultsStore(foreign)
+    with pytest.raises(FsbenchError, match="no results store"):
+        load_results(tmp_path / "missing.sqlite")
+    assert not (tmp_path / "missing.sqlite").exists()
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    with pytest.raises(FsbenchError, match="no results table"):
+        load_results(empty)
+    assert empty.stat().st_size == 0
+
+
 def test_score_task_rejects_bad_scores():
     truth = TaskTruth(query_labels=np.array([0, 1]), unlabeled_labels=np.array([], dtype=np.int64))
     assert score_task(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), truth, 2, "m", False)[0] == 1.0
@@ -145,60 +167,31 @@ def test_score_task_rejects_bad_scores():
         score_task(torch.tensor([[float("nan"), 1.0], [0.0, 1.0]]), truth, 2, "m", False)
 
 
-class Snoop(Method):
-    """Records everything it can reach from what the runner hands it."""
-
-    consumes = "features"
-    setting = "semi-supervised"
-    seen: list = []
-
-    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        Snoop.seen.append((task, ctx))
-        return torch.zeros(task.query.shape[0], task.n_way)
-
-
-def test_leakage_guard(small, tmp_path):
+def test_what_a_method_receives(small, tmp_path):
+    """The inspector plugin asserts (inside the worker) that a Task holds support, support labels,
+    unlabeled and query items only, as fresh copies, not in class order; a failed assertion
+    there fails the run."""
     proto, pool = small
-    register_method("snoop")(Snoop)
     with ResultsStore(tmp_path / "results.sqlite") as store:
         run_protocol(
-            proto, [Snoop()], store, workdir=tmp_path, pool=pool, max_tasks=3, progress=False
+            proto,
+            [MethodSpec("inspector")],
+            store,
+            workdir=tmp_path,
+            pool=pool,
+            max_tasks=16,
+            progress=False,
+            plugins=(PROBES,),
         )
-    task, ctx = Snoop.seen[0]
-    # the method receives a Task and a TaskContext and nothing that holds labels beyond the support
-    assert set(vars(task)) == {"support", "support_labels", "unlabeled", "query", "n_way", "kind"}
-    assert set(vars(ctx)) == {"device", "seed", "generator", "rng"}
-    assert task.support_labels.tolist() == [0, 1, 2, 3, 4]
-    assert task.unlabeled.shape[0] == 5 * 2 + 2 * 2
-    # the tensors are copies: no view into the pool through which other items could be reached
-    for t in (task.support, task.query, task.unlabeled):
-        assert t._base is None and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-
-
-SLOW_RUN = """
-import sys, time, torch
-from fewshot_bench.methods import register_method
-from fewshot_bench.methods.simple import NearestPrototype
-from fewshot_bench.cli import main
-
-@register_method("slow-prototype")
-class Slow(NearestPrototype):
-    def predict_batch(self, tasks, ctxs):
-        time.sleep(float(sys.argv[1]))
-        return super().predict_batch(tasks, ctxs)
-
-sys.exit(main(["run", sys.argv[2], "-m", "slow-prototype", "--workdir", sys.argv[3], "--data-root", sys.argv[4],
-               "--batch-size", "2", "--quiet"]))
-"""
+    assert len(load_results(tmp_path / "results.sqlite")) == 16
 
 
 def _spawn(delay: float, proto: Path, workdir: Path, data: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", SLOW_RUN, str(delay), str(proto), str(workdir), str(data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    cmd = [sys.executable, "-m", "fewshot_bench", "run", str(proto), "-m", "slow-prototype"]
+    cmd += ["--plugin", PROBES, "--workdir", str(workdir), "--data-root", str(data)]
+    cmd += ["--batch-size", "2", "--quiet"]
+    env = {**os.environ, "FSBENCH_TEST_DELAY": str(delay)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _rows(db: Path) -> int:
@@ -228,18 +221,17 @@ def test_resume_after_kill_9(shared_data, tmp_path):
     assert f"{N_TASKS - partial} run, {partial} already stored" in out
     df = load_results(db)
     assert len(df) == N_TASKS and sorted(df.task_index) == list(range(N_TASKS))
-    # the same numbers as an uninterrupted in-process run of the same method
+    # the same numbers as an uninterrupted run of the same method
     reference_proto = load_protocol_file(proto)[0]
-    from fewshot_bench.methods.simple import NearestPrototype
-
     with ResultsStore(tmp_path / "ref.sqlite") as store:
         ref = run_protocol(
             reference_proto,
-            [NearestPrototype()],
+            [MethodSpec("slow-prototype")],
             store,
             workdir=tmp_path / "runs",
             root=shared_data,
             progress=False,
+            plugins=(PROBES,),
         )[0]
     assert np.allclose(df.sort_values("task_index").accuracy.to_numpy(), ref.accuracies)
 

@@ -242,7 +242,15 @@ def load_state_file(path: str | Path) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FsbenchError(f"init state {p} does not exist (give the path of a saved .pt state)")
-    return torch.load(p, map_location="cpu", weights_only=False)
+    try:
+        # weights_only: a state file is data; unpickling arbitrary objects would run its code
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise FsbenchError(
+            f"init state {p} cannot be read as a saved state ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); save it again with "
+            "`fsbench run ... --save-state FILE`"
+        ) from None
 
 
 def group_by_shape(tasks: list[Any]) -> list[list[int]]:

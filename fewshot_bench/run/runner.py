@@ -1,68 +1,70 @@
-"""Run methods on a protocol's frozen tasks and append one result row per finished task."""
+"""Run methods on a protocol's frozen tasks and append one result row per finished task.
+
+The runner is the only place that holds answers. It loads the task sets (manifests), assembles
+each task in its seeded random order, hands the Tasks to an executor (a separate worker process
+by default) and scores what comes back against the truth it kept.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import shutil
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import fewshot_bench
 from fewshot_bench.atomic import atomic_path
 from fewshot_bench.backbones.embedders import get_embedder
 from fewshot_bench.data.base import cache_root
 from fewshot_bench.errors import FsbenchError, ProtocolError
-from fewshot_bench.methods.base import FitSource, Method, TaskContext
+from fewshot_bench.methods.base import Method
+from fewshot_bench.run.assemble import assemble_task, score_task, task_seed
+from fewshot_bench.run.executor import MethodError, MethodHandle, MethodSpec, shared_executor
 from fewshot_bench.run.features import pool_features
+from fewshot_bench.run.provenance import backbone_hash, git_commit, hardware, referenced_files
 from fewshot_bench.run.store import ResultRow, ResultsStore, config_json
-from fewshot_bench.tasks.manifest import get_manifest
+from fewshot_bench.tasks.manifest import Manifest, load_task_sets
 from fewshot_bench.tasks.protocol import Pool, Protocol, load_pool
-from fewshot_bench.tasks.task import TaskTruth, build_task
+from fewshot_bench.tasks.task import task_truth
+
+__all__ = ["RunSummary", "as_spec", "resolve_device", "run_protocol", "score_task", "task_seed"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise FsbenchError(
+            f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FsbenchError(
             "--device cuda asked for, but torch sees no CUDA device; use --device auto or cpu"
         )
+    if device.type not in ("cpu", "cuda"):
+        raise FsbenchError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 
-def task_seed(seed: int, task_index: int) -> int:
-    """The seed of one task's method randomness, derived from (seed, task index) only."""
-    return int(np.random.SeedSequence([seed, task_index, 1]).generate_state(1)[0])
-
-
-def score_task(
-    scores: torch.Tensor, truth: TaskTruth, n_way: int, method: str, top5: bool
-) -> tuple[float, float | None]:
-    """Accuracy (and top-5 when asked and n_way > 5) of ``scores`` against the held-back labels."""
-    n_query = len(truth.query_labels)
-    if tuple(scores.shape) != (n_query, n_way):
-        raise FsbenchError(
-            f"method {method!r} returned scores of shape {tuple(scores.shape)}, expected {(n_query, n_way)}"
-        )
-    scores = scores.detach().float().cpu()
-    if not torch.isfinite(scores).all():
-        raise FsbenchError(
-            f"method {method!r} returned NaN/inf scores; nothing was recorded for this task"
-        )
-    y = torch.from_numpy(truth.query_labels)
-    acc = (scores.argmax(1) == y).float().mean().item()
-    t5 = None
-    if top5 and n_way > 5:
-        t5 = (scores.topk(5, dim=1).indices == y[:, None]).any(1).float().mean().item()
-    return acc, t5
+def as_spec(method: MethodSpec | Method) -> MethodSpec:
+    """A spec for a method given by spec or as a built instance (its class and parameters)."""
+    if isinstance(method, MethodSpec):
+        return method
+    cls = type(method)
+    builtin = cls.__module__.startswith("fewshot_bench.methods.")
+    origin = "" if builtin else f"{cls.__module__}:{cls.__qualname__}"
+    return MethodSpec(method.name, dict(method.params), origin)
 
 
 @dataclass
@@ -84,62 +86,122 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[i : i + size]
 
 
-def _fit_state_path(
-    method: Method, fit_fingerprint: str, backbone: str, budget: int | None
-) -> Path:
+def _state_path(info: dict[str, Any], run_hash: str, fit_fingerprint: str) -> Path:
     key = hashlib.sha256(
-        f"{method.config_hash()}|{fit_fingerprint}|{backbone}|{budget}".encode()
+        f"{run_hash}|{info['code_fingerprint']}|{fit_fingerprint}".encode()
     ).hexdigest()[:24]
-    return cache_root() / "states" / f"{method.name}-{key}.pt"
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", info["name"])
+    return cache_root() / "states" / f"{safe}-{key}.pt"
 
 
-def fit_method(
-    method: Method,
-    protocol: Protocol,
-    root,
-    embedder_spec: str,
-    device: torch.device,
-    budget: int | None,
-    seed: int,
-) -> Path | None:
-    """Train ``method`` on the protocol's ``fit_split`` (base classes), reusing a cached state;
-    returns the cached state's path (``None`` when the method has no state to cache)."""
+def _fit_source(
+    protocol: Protocol, root: Any, consumes: str, backbone: str, device: torch.device
+) -> tuple[dict[str, Any], str]:
+    """The base-class data a training method fits on (the protocol's ``fit_split``)."""
     from fewshot_bench.data import load_dataset
 
     split = protocol.dataset.get("fit_split")
     if split is None:
         raise ProtocolError(
-            f"method {method.name!r} trains on base classes, but protocol {protocol.name!r} names no "
+            f"a method here trains on base classes, but protocol {protocol.name!r} names no "
             "[dataset] fit_split"
         )
     kwargs = dict(protocol.dataset.get("options", {}))
     if "image_size" in protocol.dataset:
         kwargs["image_size"] = protocol.dataset["image_size"]
     data = load_dataset(protocol.dataset["name"], split, root, **kwargs)
-    path = _fit_state_path(method, data.fingerprint(), embedder_spec, budget)
-    if path.exists():
-        method.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-        return path
     tensor = (
-        data.data
-        if method.consumes == "images"
-        else pool_features(data, get_embedder(embedder_spec), device)
+        data.data if consumes == "images" else pool_features(data, get_embedder(backbone), device)
     )
-    source = FitSource(
-        data=tensor, labels=data.labels, kind=method.consumes, class_names=data.class_names
-    )
-    method.fit(source, budget, TaskContext.create(seed, device))
-    state = method.state_dict()
-    if state is None:
-        return None
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return path
+    source = {
+        "data": tensor,
+        "labels": data.labels,
+        "kind": consumes,
+        "class_names": data.class_names,
+    }
+    return source, data.fingerprint()
+
+
+def open_method(
+    executor: Any,
+    spec: MethodSpec,
+    info: dict[str, Any],
+    run_hash: str,
+    protocol: Protocol,
+    root: Any,
+    backbone: str,
+    device: torch.device,
+    budget: int | None,
+    seed: int,
+    save_state: Path | None,
+) -> MethodHandle:
+    """Build the method in the executor: trained methods fit once per configuration and code
+    (the state is cached by the runner as bytes it never unpickles) or load the cached state."""
+    if not info["trains"]:
+        return executor.open(spec, device)
+    source, fit_fp = _fit_source(protocol, root, info["consumes"], backbone, device)
+    path = _state_path(info, run_hash, fit_fp)
+    handle = None
+    if path.is_file():
+        try:
+            handle = executor.open(spec, device, state=path.read_bytes())
+        except MethodError as exc:
+            print(f"fsbench: cached state {path} is unusable ({exc}); training again")
+    if handle is None:
+        handle = executor.open(spec, device, fit={"source": source, "budget": budget, "seed": seed})
+        if handle.state is not None:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(handle.state)
+    if save_state is not None:
+        if not path.is_file():
+            raise FsbenchError(f"method {info['name']!r} kept no trained state to save")
+        Path(save_state).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(save_state) as tmp:
+            tmp.write_bytes(path.read_bytes())
+    return handle
+
+
+def pool_tensor(pool: Pool, consumes: str, backbone: str, device: torch.device, cache: dict):
+    if consumes not in cache:
+        if consumes == "features":
+            cache["features"] = pool_features(pool.data, get_embedder(backbone), device)
+        elif pool.data.kind == "images":
+            cache["images"] = pool.data.images
+        else:
+            raise ProtocolError(f"a method needs images, but {pool.data.name} provides features")
+    return cache[consumes]
+
+
+def method_config(
+    info: dict[str, Any], backbone: str, budget: int | None
+) -> tuple[dict[str, Any], str]:
+    """The configuration a row is bound to, and its hash: the method's parameters, the backbone
+    with the content hash of its weights, the content hash of every file a parameter names, and
+    the training budget of methods that train."""
+    features = info["consumes"] == "features"
+    config = {
+        **info["config"],
+        "backbone": backbone if features else "images",
+        "backbone_hash": backbone_hash(backbone) if features else "",
+        "files": referenced_files(info["params"]),
+    }
+    if info["trains"]:
+        config["budget"] = budget
+    return config, hashlib.sha256(config_json(config).encode()).hexdigest()[:12]
+
+
+def _check_counts(batch_size: int, max_tasks: int | None) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FsbenchError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if max_tasks is not None and (
+        isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1
+    ):
+        raise FsbenchError(f"--max-tasks must be an integer >= 1, got {max_tasks!r}")
 
 
 def run_protocol(
     protocol: Protocol,
-    methods: list[Method],
+    methods: Sequence[MethodSpec | Method],
     store: ResultsStore,
     *,
     seeds: list[int] | None = None,
@@ -153,110 +215,142 @@ def run_protocol(
     pool: Pool | None = None,
     progress: bool = True,
     save_state: Path | None = None,
+    executor: Any = None,
+    plugins: tuple[str, ...] = (),
 ) -> list[RunSummary]:
     """Evaluate each method on every (seed, task) of the protocol not yet in ``store``.
 
+    A stored task is skipped only when its manifest hash, configuration hash (parameters,
+    backbone and the content of every file they name), code fingerprint and backbone all match.
     ``save_state``: copy the trained state of the one method that trains to this file (for
     ``init=`` of another method, e.g. soft k-means from a ProtoNet state)."""
+    _check_counts(batch_size, max_tasks)
     device = resolve_device(device) if isinstance(device, str) else device
-    seeds = list(protocol.run["seeds"] if seeds is None else seeds)
-    backbone = backbone or protocol.run["backbone"]
-    pool = pool or load_pool(protocol, root)
-    manifests = {s: get_manifest(protocol, pool, s, Path(workdir)) for s in seeds}
-    if save_state is not None and sum(m.trains for m in methods) != 1:
+    executor = executor or shared_executor(tuple(plugins))
+    specs = [as_spec(m) for m in methods]
+    # every method and parameter is validated (in the worker) before any task runs
+    infos = [executor.describe(s) for s in specs]
+    if save_state is not None and sum(i["trains"] for i in infos) != 1:
         raise ProtocolError(
             "--save-state needs exactly one method that trains on base classes (e.g. protonet); "
-            f"got {[m.name for m in methods if m.trains] or 'none'}"
+            f"got {[i['name'] for i in infos if i['trains']] or 'none'}"
         )
-    data_by_kind: dict[str, torch.Tensor] = {}
+    backbone = backbone or protocol.run["backbone"]
+    pool = pool or load_pool(protocol, root)
+    task_sets: dict[int, Manifest] = load_task_sets(protocol, pool, Path(workdir), seeds)
+    pool_labels = np.asarray(pool.data.labels)
+    data_note = "; ".join(pool.data.meta.get("notes", []))
+    tensors: dict[str, torch.Tensor] = {}
     summaries = []
-    for method in methods:
-        if method.consumes not in data_by_kind:
-            if method.consumes == "features":
-                data_by_kind["features"] = pool_features(pool.data, get_embedder(backbone), device)
-            elif pool.data.kind == "images":
-                data_by_kind["images"] = pool.data.images
-            else:
-                raise ProtocolError(
-                    f"method {method.name!r} needs images, but {protocol.name} provides features"
-                )
-        tensor = data_by_kind[method.consumes]
-        method_backbone = backbone if method.consumes == "features" else "images"
-        if method.trains:
-            state = fit_method(method, protocol, root, backbone, device, budget, seeds[0])
-            if save_state is not None and state is not None:
-                Path(save_state).parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(save_state) as tmp:
-                    shutil.copyfile(state, tmp)
-        config = {**method.config(), "backbone": method_backbone}
-        if method.trains:
-            config["budget"] = budget
-        # The stored config hash covers what the features came from and the training budget,
-        # so runs of one method on two backbones never pool into one leaderboard entry.
-        run_hash = hashlib.sha256(config_json(config).encode()).hexdigest()[:12]
-        for seed in seeds:
-            manifest = manifests[seed]
+    for spec, info in zip(specs, infos, strict=True):
+        consumes = info["consumes"]
+        config, run_hash = method_config(info, backbone, budget)
+        method_backbone, bb_hash = config["backbone"], config["backbone_hash"]
+        todo: dict[int, list[int]] = {}
+        for seed, manifest in task_sets.items():
             n = manifest.n_tasks if max_tasks is None else min(max_tasks, manifest.n_tasks)
             done = store.done_tasks(
-                protocol.name,
-                protocol.hash(),
-                method.name,
+                {
+                    "protocol": protocol.name,
+                    "manifest_hash": manifest.content_hash,
+                    "method": info["name"],
+                    "config_hash": run_hash,
+                    "code_fingerprint": info["code_fingerprint"],
+                    "backbone": method_backbone,
+                    "seed": seed,
+                }
+            )
+            todo[seed] = [i for i in range(n) if i not in done]
+        handle = None
+        if any(todo.values()) or save_state is not None:
+            tensor = pool_tensor(pool, consumes, backbone, device, tensors)
+            handle = open_method(
+                executor,
+                spec,
+                info,
                 run_hash,
-                method_backbone,
-                seed,
+                protocol,
+                root,
+                backbone,
+                device,
+                budget,
+                min(task_sets),
+                save_state,
             )
-            todo = [i for i in range(n) if i not in done]
+        for seed, manifest in task_sets.items():
+            n = manifest.n_tasks if max_tasks is None else min(max_tasks, manifest.n_tasks)
             summary = RunSummary(
-                protocol.name, method.name, seed, ran=len(todo), skipped=n - len(todo)
+                protocol.name, info["name"], seed, ran=len(todo[seed]), skipped=n - len(todo[seed])
             )
+            summaries.append(summary)
+            if not todo[seed]:
+                continue
+            common = {
+                "protocol": protocol.name,
+                "family": protocol.family,
+                "protocol_hash": protocol.hash(),
+                "manifest_hash": manifest.content_hash,
+                "task_source": str(manifest.header.get("source", "sampled")),
+                "data_fingerprint": str(manifest.header["dataset_fingerprint"]),
+                "data_note": data_note,
+                "method": info["name"],
+                "config_hash": run_hash,
+                "code_fingerprint": info["code_fingerprint"],
+                "params": config_json(info["changed"]),
+                "config": config_json(config),
+                "backbone": method_backbone,
+                "backbone_hash": bb_hash,
+                "budget": budget if info["trains"] else None,
+                "seed": seed,
+                "device": str(device),
+                "hardware": hardware(str(device)),
+                "x_value": protocol.x_value,
+                "x_label": protocol.x_label,
+                "package_version": fewshot_bench.__version__,
+                "git_commit": git_commit(),
+            }
             bar = tqdm(
                 total=n,
-                initial=n - len(todo),
-                desc=f"{protocol.name} {method.name} s{seed}",
+                initial=n - len(todo[seed]),
+                desc=f"{protocol.name} {info['name']} s{seed}",
                 disable=not progress,
                 unit="task",
                 dynamic_ncols=True,
             )
-            for chunk in _batches(todo, batch_size):
-                built = [build_task(tensor, method.consumes, manifest.task(i)) for i in chunk]
-                ctxs = [TaskContext.create(task_seed(seed, i), device) for i in chunk]
+            for chunk in _batches(todo[seed], batch_size):
+                built = []
+                for i in chunk:
+                    idx = manifest.task(i)
+                    truth = task_truth(idx, pool_labels)
+                    built.append(assemble_task(tensor, consumes, idx, truth, seed, i))
                 start = time.perf_counter()
-                outputs = method.predict_batch([t for t, _ in built], ctxs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                outputs, settings = executor.map(
+                    handle, [b.task for b in built], [task_seed(seed, i) for i in chunk]
+                )
                 per_task = (time.perf_counter() - start) / len(chunk)
-                rows = []
                 stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                for i, (task, truth), scores in zip(chunk, built, outputs, strict=True):
+                rows = []
+                for i, b, scores, setting in zip(chunk, built, outputs, settings, strict=True):
                     acc, t5 = score_task(
-                        scores, truth, task.n_way, method.name, protocol.run["top5"]
+                        scores, b.truth, b.task.n_way, info["name"], protocol.run["top5"]
                     )
                     summary.accuracies.append(acc)
                     rows.append(
                         ResultRow(
-                            protocol=protocol.name,
-                            protocol_hash=protocol.hash(),
-                            method=method.name,
-                            config_hash=run_hash,
-                            setting=method.task_setting(task),
-                            backbone=method_backbone,
-                            seed=seed,
+                            **common,
+                            setting=setting,
                             task_index=i,
                             accuracy=acc,
                             top5=t5,
-                            n_query=len(truth.query_labels),
+                            n_query=len(b.truth.query_labels),
                             seconds=per_task,
-                            device=str(device),
-                            x_value=protocol.x_value,
-                            x_label=protocol.x_label,
-                            config=config_json(config),
                             timestamp=stamp,
                         )
                     )
                 store.append(rows)
                 bar.update(len(chunk))
-                if summary.accuracies:
-                    bar.set_postfix(acc=f"{100 * np.mean(summary.accuracies):.2f}%")
+                bar.set_postfix(acc=f"{100 * np.mean(summary.accuracies):.2f}%")
             bar.close()
-            summaries.append(summary)
+        if handle is not None:
+            executor.release(handle)
     return summaries

@@ -1,70 +1,53 @@
-"""Append-only results store in SQLite: one row per finished task.
+"""Append-only, self-describing results store in SQLite: one row per finished task.
 
 SQLite rather than JSONL because each row commits atomically (a ``kill -9`` leaves either the
 whole row or none, never a torn line), the primary key makes a duplicate task row impossible,
 concurrent runs are serialised by SQLite's own locking, and triggers refuse UPDATE and DELETE.
-``fsbench results --export`` writes CSV/JSONL for other tools.
+
+Every row is bound to exactly what produced it: the manifest's content hash (which covers the
+protocol hash, the data fingerprint, the seed and every task index), the configuration hash
+(parameters, backbone and the content hash of every file they point to) and the code
+fingerprint (package version and the source of the method and the harness). A row also
+describes itself (family, budget, data note, non-default parameters) so reports need nothing
+but the store.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
 
 from fewshot_bench.errors import FsbenchError
 
-COLUMNS = [
-    "protocol",
-    "protocol_hash",
-    "method",
-    "config_hash",
-    "setting",
-    "backbone",
-    "seed",
-    "task_index",
-    "accuracy",
-    "top5",
-    "n_query",
-    "seconds",
-    "device",
-    "x_value",
-    "x_label",
-    "config",
-    "timestamp",
-]
-KEY = ["protocol", "protocol_hash", "method", "config_hash", "backbone", "seed", "task_index"]
-
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS results (
-    protocol TEXT NOT NULL, protocol_hash TEXT NOT NULL, method TEXT NOT NULL,
-    config_hash TEXT NOT NULL, setting TEXT NOT NULL, backbone TEXT NOT NULL,
-    seed INTEGER NOT NULL, task_index INTEGER NOT NULL,
-    accuracy REAL NOT NULL, top5 REAL, n_query INTEGER NOT NULL, seconds REAL NOT NULL,
-    device TEXT NOT NULL, x_value REAL, x_label TEXT, config TEXT NOT NULL, timestamp TEXT NOT NULL,
-    PRIMARY KEY ({", ".join(KEY)})
-);
-CREATE TRIGGER IF NOT EXISTS results_no_update BEFORE UPDATE ON results
-BEGIN SELECT RAISE(ABORT, 'the results store is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS results_no_delete BEFORE DELETE ON results
-BEGIN SELECT RAISE(ABORT, 'the results store is append-only'); END;
-"""
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ResultRow:
-    """One finished task."""
+    """One finished task, with the provenance that binds it to its tasks, code and weights."""
 
     protocol: str
+    family: str
     protocol_hash: str
+    manifest_hash: str  # content hash of the manifest (header + arrays) the task came from
+    task_source: str  # "sampled" or "imported:<file name>:sha256=<hash of the file>"
+    data_fingerprint: str
+    data_note: str  # e.g. "JPEG copy of CIFAR-10"; "" when there is nothing to say
     method: str
     config_hash: str
-    setting: str
+    code_fingerprint: str
+    params: str  # JSON: the parameters that differ from the method's defaults, as run
+    config: str  # JSON: the full configuration that config_hash covers
+    setting: str  # what the runner gave the method: inductive / transductive / semi-supervised
     backbone: str
+    backbone_hash: str  # content hash of a checkpoint backbone ("" for pixels / images)
+    budget: int | None
     seed: int
     task_index: int
     accuracy: float
@@ -72,27 +55,107 @@ class ResultRow:
     n_query: int
     seconds: float
     device: str
+    hardware: str
     x_value: float | None
     x_label: str
-    config: str
+    package_version: str
+    git_commit: str
     timestamp: str
 
 
-class ResultsStore:
-    """The SQLite file at ``path``; safe to share between concurrent processes."""
+COLUMNS = [f.name for f in fields(ResultRow)]
+KEY = [
+    "protocol",
+    "manifest_hash",
+    "method",
+    "config_hash",
+    "code_fingerprint",
+    "backbone",
+    "seed",
+    "task_index",
+]
+_SQL_TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
 
-    def __init__(self, path: str | Path) -> None:
+
+def _column_sql(f) -> str:
+    base, _, optional = str(f.type).partition(" | ")
+    sql = _SQL_TYPES[base]
+    return f"{f.name} {sql}" + ("" if optional else " NOT NULL")
+
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS results (
+    {", ".join(_column_sql(f) for f in fields(ResultRow))},
+    PRIMARY KEY ({", ".join(KEY)})
+);
+CREATE TRIGGER IF NOT EXISTS results_no_update BEFORE UPDATE ON results
+BEGIN SELECT RAISE(ABORT, 'the results store is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS results_no_delete BEFORE DELETE ON results
+BEGIN SELECT RAISE(ABORT, 'the results store is append-only'); END;
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+#: How long a writer waits in total for another process's lock before giving up.
+LOCK_PATIENCE_S = 600.0
+
+
+class StoreError(FsbenchError):
+    """The results store cannot be opened or written as asked."""
+
+
+class ResultsStore:
+    """The SQLite file at ``path``; safe to share between concurrent processes.
+
+    ``readonly=True`` opens an existing store without creating or changing anything (reports).
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        fix = "Point --workdir at a new folder; keep this file if it holds results you need."
+        if readonly and not self.path.is_file():
+            raise StoreError(
+                f"no results store at {self.path}; run `fsbench run` first or pass --workdir"
+            )
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.conn = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+            if readonly:
+                uri = f"file:{self.path.resolve()}?mode=ro"
+                self.conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+            else:
+                self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            tables = {
+                r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"results store {self.path} is not a readable SQLite database ({exc}). {fix}"
+            ) from None
+        if tables and "results" not in tables:
+            raise StoreError(
+                f"{self.path} is an SQLite database of another program (tables "
+                f"{sorted(tables)}), not a fewshot-bench results store. {fix}"
+            )
+        if "results" in tables and version != SCHEMA_VERSION:
+            raise StoreError(
+                f"results store {self.path} has schema version {version}, this fewshot-bench "
+                f"writes version {SCHEMA_VERSION}: its rows are not bound to the manifests, code "
+                "and weights that produced them, so they cannot be verified or resumed. Keep it "
+                "for reference, and rerun into a new --workdir."
+            )
+        if readonly:
+            if "results" not in tables:
+                raise StoreError(f"{self.path} holds no results table; run `fsbench run` first")
+            return
+        try:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise FsbenchError(
-                f"results store {self.path} is not a readable SQLite database ({exc}). "
-                "Point --workdir elsewhere; do not delete it if it holds results you need."
+            raise StoreError(
+                f"results store {self.path} cannot be written ({exc}). {fix}"
             ) from None
 
     def close(self) -> None:
@@ -105,56 +168,65 @@ class ResultsStore:
         self.close()
 
     def append(self, rows: Iterable[ResultRow]) -> int:
-        """Insert rows in one transaction; rows already present (same key) are skipped. Returns count added."""
+        """Insert rows in one transaction; rows already present (same key) are skipped.
+
+        Waits for another writer's lock with backoff (up to ``LOCK_PATIENCE_S``), so a
+        computed batch is not thrown away because a concurrent run is committing.
+        """
         values = [tuple(asdict(r)[c] for c in COLUMNS) for r in rows]
         if not values:
             return 0
         placeholders = ", ".join("?" for _ in COLUMNS)
-        with self.conn:
-            self.conn.execute("BEGIN IMMEDIATE")
-            before = self.conn.total_changes
-            self.conn.executemany(
-                f"INSERT OR IGNORE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-                values,
-            )
-            return self.conn.total_changes - before
+        sql = f"INSERT OR IGNORE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})"
+        deadline, pause = time.monotonic() + LOCK_PATIENCE_S, 0.05
+        while True:
+            try:
+                with self.conn:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    before = self.conn.total_changes
+                    self.conn.executemany(sql, values)
+                    return self.conn.total_changes - before
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreError(f"cannot write to {self.path}: {exc}") from None
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{self.path} stayed locked by another process for over "
+                        f"{LOCK_PATIENCE_S:.0f} s; {len(values)} computed rows were not stored. "
+                        "Stop the other writer and rerun the same command to resume."
+                    ) from None
+                time.sleep(pause)
+                pause = min(2 * pause, 5.0)
 
-    def done_tasks(
-        self,
-        protocol: str,
-        protocol_hash: str,
-        method: str,
-        config_hash: str,
-        backbone: str,
-        seed: int,
-    ) -> set[int]:
-        """Task indices already stored for this (protocol, method configuration, seed)."""
+    def done_tasks(self, key: dict[str, object]) -> set[int]:
+        """Task indices already stored whose every ``KEY`` column but ``task_index`` matches ``key``."""
+        cols = [c for c in KEY if c != "task_index"]
+        missing = set(cols) - set(key)
+        if missing:
+            raise ValueError(f"done_tasks needs {sorted(missing)}")
+        where = " AND ".join(f"{c}=?" for c in cols)
         cur = self.conn.execute(
-            "SELECT task_index FROM results WHERE protocol=? AND protocol_hash=? AND method=? "
-            "AND config_hash=? AND backbone=? AND seed=?",
-            (protocol, protocol_hash, method, config_hash, backbone, seed),
+            f"SELECT task_index FROM results WHERE {where}", [key[c] for c in cols]
         )
         return {r[0] for r in cur.fetchall()}
 
     def dataframe(self, protocols: list[str] | None = None) -> pd.DataFrame:
-        """All rows (optionally of some protocols) as a DataFrame with the store's columns."""
+        """All rows (optionally of some protocols or families) as a DataFrame."""
         query = f"SELECT {', '.join(COLUMNS)} FROM results"
         params: list = []
         if protocols:
-            query += f" WHERE protocol IN ({', '.join('?' for _ in protocols)})"
-            params = list(protocols)
-        df = pd.read_sql_query(
+            marks = ", ".join("?" for _ in protocols)
+            query += f" WHERE protocol IN ({marks}) OR family IN ({marks})"
+            params = list(protocols) * 2
+        return pd.read_sql_query(
             query + " ORDER BY protocol, method, seed, task_index", self.conn, params=params
         )
-        return df
 
 
 def load_results(path: str | Path, protocols: list[str] | None = None) -> pd.DataFrame:
-    """Read a results store into a DataFrame (empty frame with the columns if it has no rows)."""
-    path = Path(path)
-    if not path.exists():
-        raise FsbenchError(f"no results store at {path}; run `fsbench run` first or pass --workdir")
-    with ResultsStore(path) as store:
+    """Read a results store (never creating one) into a DataFrame; ``protocols`` may name
+    protocols or families."""
+    with ResultsStore(path, readonly=True) as store:
         return store.dataframe(protocols)
 
 

@@ -1,0 +1,109 @@
+"""Methods a hostile plugin author would write to read the answers instead of the images.
+
+Loaded with ``fsbench run --plugin tests/hostile_methods.py``; each must score at chance.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewshot_bench.methods import Method, register_method
+
+
+def _by_position(n_query: int, n_way: int) -> torch.Tensor:
+    """Scores that put query k in class k * n_way // n_query (the class-by-class layout)."""
+    guess = torch.arange(n_query) * n_way // n_query
+    return torch.nn.functional.one_hot(guess, n_way).float()
+
+
+def _from_labels(labels, n_query: int, n_way: int) -> torch.Tensor:
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64)[:n_query]).clamp(0, n_way - 1)
+    if len(y) < n_query:
+        return _by_position(n_query, n_way)
+    return torch.nn.functional.one_hot(y, n_way).float()
+
+
+def _looks_like_truth(obj) -> bool:
+    return type(obj).__name__ == "TaskTruth" or (
+        hasattr(obj, "query_labels") and hasattr(obj, "unlabeled_labels")
+    )
+
+
+@register_method("position-only")
+class PositionOnly(Method):
+    """Never looks at an image: predicts from the query's position alone."""
+
+    consumes = "images"
+    setting = "inductive"
+
+    def predict(self, task, ctx):
+        return _by_position(task.query.shape[0], task.n_way)
+
+
+@register_method("stack-walker")
+class StackWalker(Method):
+    """Walks up the call stack looking for the runner's (Task, TaskTruth) pairs."""
+
+    consumes = "features"
+    setting = "inductive"
+
+    def predict(self, task, ctx):
+        n_query, n_way = task.query.shape[0], task.n_way
+        frame = sys._getframe(1)
+        while frame is not None:
+            for value in list(frame.f_locals.values()):
+                candidates = value if isinstance(value, (list, tuple)) else [value]
+                for c in candidates:
+                    truth = getattr(c, "truth", c)
+                    if _looks_like_truth(truth) and len(truth.query_labels) == n_query:
+                        return _from_labels(truth.query_labels, n_query, n_way)
+            frame = frame.f_back
+        return _by_position(n_query, n_way)
+
+
+@register_method("gc-search")
+class GcSearch(Method):
+    """Searches every live object of the process for truth objects of this task's size."""
+
+    consumes = "features"
+    setting = "inductive"
+
+    def predict(self, task, ctx):
+        n_query, n_way = task.query.shape[0], task.n_way
+        for obj in gc.get_objects():
+            try:
+                if _looks_like_truth(obj) and len(obj.query_labels) == n_query:
+                    return _from_labels(obj.query_labels, n_query, n_way)
+            except Exception:  # noqa: BLE001, S112
+                continue
+        return _by_position(n_query, n_way)
+
+
+@register_method("workdir-reader")
+class WorkdirReader(Method):
+    """Opens every manifest it can find under the working directory and uses any label
+    array of the right length, in order."""
+
+    consumes = "features"
+    setting = "inductive"
+
+    def predict(self, task, ctx):
+        n_query, n_way = task.query.shape[0], task.n_way
+        roots = [Path.cwd()]
+        for root in roots:
+            for path in sorted(root.rglob("*.npz"))[:200]:
+                try:
+                    with np.load(path, allow_pickle=False) as z:
+                        for key in z.files:
+                            if "label" in key and key != "support_labels":
+                                arr = z[key]
+                                if arr.ndim == 1 and len(arr) >= n_query and arr.max() < n_way:
+                                    return _from_labels(arr, n_query, n_way)
+                except Exception:  # noqa: BLE001, S112
+                    continue
+        return _by_position(n_query, n_way)

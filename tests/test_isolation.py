@@ -1,0 +1,144 @@
+"""Methods cannot reach the answers: not by position, the call stack, the heap or the workdir.
+
+Every test runs the real runner, whose methods run in a separate worker process, on real data.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fewshot_bench.errors import DataNotFoundError
+from fewshot_bench.run.executor import MethodSpec, ProcessExecutor
+from fewshot_bench.run.runner import run_protocol
+from fewshot_bench.run.store import ResultsStore, load_results
+from fewshot_bench.tasks.protocol import all_protocols, load_pool
+from fewshot_bench.tasks.task import TaskTruth
+
+HOSTILE = str(Path(__file__).with_name("hostile_methods.py"))
+
+
+@pytest.fixture(scope="module")
+def hostile_executor():
+    ex = ProcessExecutor(plugins=(HOSTILE,))
+    yield ex
+    ex.close()
+
+
+def _one_per_shape() -> list[str]:
+    """One protocol per built-in shape: every episodic protocol, one budget per SSL family."""
+    seen, names = set(), []
+    for name, proto in all_protocols().items():
+        key = proto.family if proto.kind == "ssl" else name
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    return names
+
+
+def _assert_chance(df, n_way_of) -> None:
+    """The mean accuracy is within its 95% CI (plus a hair for tiny samples) of chance."""
+    acc = df.accuracy.to_numpy()
+    chance = float(np.mean([1.0 / n_way_of(r) for r in df.itertuples()]))
+    if len(acc) > 1:
+        half = 1.96 * acc.std(ddof=1) / math.sqrt(len(acc))
+    else:  # one SSL task: binomial interval over its queries
+        n = int(df.n_query.iloc[0])
+        half = 1.96 * math.sqrt(chance * (1 - chance) / n)
+    assert abs(acc.mean() - chance) <= half + 0.01, (acc.mean(), chance, half)
+
+
+@pytest.mark.parametrize("name", _one_per_shape())
+def test_position_carries_no_label(name, shared_data, tmp_path, hostile_executor):
+    """A method that predicts from the query's position alone scores at chance on every
+    built-in protocol shape (manifests and some datasets are class-sorted)."""
+    proto = all_protocols()[name]
+    try:
+        pool = load_pool(proto, shared_data)
+    except DataNotFoundError as exc:
+        pytest.skip(f"{name}: its images are not on this machine ({str(exc)[:80]})")
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        run_protocol(
+            proto,
+            [MethodSpec("position-only")],
+            store,
+            seeds=[proto.run["seeds"][0]],
+            workdir=tmp_path,
+            pool=pool,
+            backbone="pixels",
+            max_tasks=80,
+            progress=False,
+            executor=hostile_executor,
+        )
+    df = load_results(tmp_path / "r.sqlite")
+    n_way = proto.params.get("n_way") or pool.data.n_classes
+    _assert_chance(df, lambda row: n_way)
+
+
+@pytest.fixture(scope="module")
+def omniglot_5w(shared_data):
+    proto = all_protocols()["omniglot-semi-5w1s"]
+    return proto, load_pool(proto, shared_data)
+
+
+@pytest.mark.parametrize("method", ["stack-walker", "gc-search", "workdir-reader"])
+def test_hostile_plugins_score_at_chance(method, omniglot_5w, tmp_path, hostile_executor):
+    proto, pool = omniglot_5w
+    workdir = tmp_path / "runs"
+    with ResultsStore(workdir / "results.sqlite") as store:
+        # a first method leaves manifests and rows in the workdir for the reader to find
+        run_protocol(
+            proto,
+            [MethodSpec("position-only"), MethodSpec(method)],
+            store,
+            workdir=workdir,
+            pool=pool,
+            max_tasks=100,
+            progress=False,
+            executor=hostile_executor,
+        )
+    df = load_results(workdir / "results.sqlite")
+    _assert_chance(df[df.method == method], lambda row: 5)
+
+
+def test_the_hostile_methods_have_teeth():
+    """In the runner's own process the stack walker and heap search would find the answers."""
+    sys.path.insert(0, str(Path(HOSTILE).parent))
+    try:
+        import hostile_methods
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from fewshot_bench.tasks.task import Task
+
+    truth = TaskTruth(np.array([3, 1, 4, 0, 2]), np.array([], dtype=np.int64))  # noqa: F841
+    task = Task(torch.zeros(5, 2), torch.arange(5), torch.zeros(0, 2), torch.zeros(5, 2), 5, "f")
+    for cls in (hostile_methods.StackWalker, hostile_methods.GcSearch):
+        pred = cls().predict(task, None).argmax(1).tolist()
+        assert pred == [3, 1, 4, 0, 2], cls.__name__
+
+
+def test_manifest_files_hold_no_query_labels(omniglot_5w, tmp_path, hostile_executor):
+    proto, pool = omniglot_5w
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        run_protocol(
+            proto,
+            [MethodSpec("position-only")],
+            store,
+            workdir=tmp_path,
+            pool=pool,
+            max_tasks=2,
+            progress=False,
+            executor=hostile_executor,
+        )
+    files = list(tmp_path.rglob("*.npz"))
+    assert files
+    for path in files:
+        with np.load(path) as z:
+            labels = {k for k in z.files if k.endswith("_labels") or k.endswith("_labels_offsets")}
+            assert labels <= {"support_labels", "support_labels_offsets"}, (path, labels)
