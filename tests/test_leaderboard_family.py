@@ -1,5 +1,5 @@
-"""Family and group pages, dataset notes, `fsbench leaderboard --all` / `--name` and `fsbench report`
-ordering."""
+"""Family and group pages, data notes, `fsbench leaderboard --all` / `--name` and `fsbench report`
+ordering, all from schema-2 store rows."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from report_rows import manifest_hash, v2_row
 
 from fewshot_bench.cli import main
 from fewshot_bench.report import (
@@ -54,32 +55,28 @@ def _sweep_rows() -> list[dict]:
                 continue
             for seed, noise in enumerate(SEED_NOISE):
                 rows.append(
-                    {
-                        "protocol": f"{FAMILY}-{n}",
-                        "protocol_hash": "h",
-                        "method": method,
-                        "config_hash": cfg,
-                        "setting": setting,
-                        "backbone": backbone,
-                        "seed": seed,
-                        "task_index": 0,
-                        "accuracy": acc + noise,
-                        "top5": None,
-                        "n_query": 100,
-                        "seconds": n / 100 + seed,
-                        "device": "cpu",
-                        "x_value": float(n),
-                        "x_label": "labels",
-                        "config": "{}",
-                        "timestamp": "2024-05-01T00:00:00",
-                    }
+                    v2_row(
+                        f"{FAMILY}-{n}",
+                        method,
+                        seed,
+                        0,
+                        acc + noise,
+                        family=FAMILY,
+                        config_hash=cfg,
+                        setting=setting,
+                        backbone=backbone,
+                        n_query=100,
+                        seconds=n / 100 + seed,
+                        x_value=float(n),
+                        x_label="labels",
+                    )
                 )
     return rows
 
 
 @pytest.fixture()
 def sweep_df() -> pd.DataFrame:
-    return pd.DataFrame(_sweep_rows()).assign(family=FAMILY)
+    return pd.DataFrame(_sweep_rows())
 
 
 REPORTED = {f"{FAMILY}-250": {"mt": (81.5, "Someone et al. 2019, Table 3")}}
@@ -125,8 +122,9 @@ def test_write_family_pages(tmp_path, sweep_df):
     assert (tmp_path / f"{FAMILY}.png").read_bytes()[:8] == PNG_MAGIC
 
     md = (tmp_path / f"{FAMILY}.md").read_text()
-    assert md.startswith(f"# {FAMILY}\n\nDataset: fashion-mnist (")
-    assert "(50, 250, 1000 labels)" in md and "query test" in md
+    # no data note in the rows: nothing to say (no protocol file or data root is read)
+    assert md.startswith(f"# {FAMILY}\n\nSetting: inductive, semi-supervised. 3 protocols")
+    assert "3 protocols (50–1000 labels), 4 entries, 33 task results" in md
     table = _table_rows(md, "## Accuracy (%) by labels")
     header = table[0]
     assert header[:4] == ["Method", "Setting", "Backbone", "Seeds"]
@@ -174,35 +172,55 @@ def test_family_of_one_protocol_is_a_plain_page(tmp_path, sweep_df):
     assert [p.name for p in paths] == [f"{FAMILY}-250.md", f"{FAMILY}-250.csv", f"{FAMILY}-250.tex"]
 
 
-def _jpeg_root(tmp_path):
-    root = tmp_path / "data"
-    (root / "cifar10-jpeg").mkdir(parents=True)
-    for split in ("train", "test"):
-        (root / "cifar10-jpeg" / f"{split}.zip").write_bytes(b"")  # names only, never read
-    return root
+JPEG_NOTE = (
+    "JPEG copy of CIFAR-10 (cifar10-jpeg/train.zip, test.zip): not bit-exact with the "
+    "official batches"
+)
 
 
-def test_dataset_note_jpeg_copy(tmp_path, sweep_df):
-    root = _jpeg_root(tmp_path)
-    note = dataset_note("cifar10-ssl-250", root)
-    assert "Dataset: cifar10 (CIFAR-10" in note and "250 labels (balanced) from train" in note
-    assert "JPEG copy" in note and "not bit-exact" in note
-    (root / "cifar-10-batches-py").mkdir()  # the loader prefers the official batches
-    assert "JPEG copy" not in dataset_note("cifar10-ssl-250", root)
-    assert "official" in dataset_note("cifar10-ssl-250", root)
-    assert "JPEG" not in dataset_note("fashion-mnist-ssl-250", root)
-    assert "not known" in dataset_note("no-such-protocol-7")
-
-    cifar = sweep_df.assign(
-        protocol=sweep_df.protocol.str.replace(FAMILY, "cifar10-ssl"), family="cifar10-ssl"
+def _cifar(rows: pd.DataFrame | list[dict]) -> pd.DataFrame:
+    """The sweep as CIFAR-10 runs that read the JPEG copy (recorded in the rows' data note)."""
+    df = pd.DataFrame(rows)
+    protocols = df.protocol.str.replace(FAMILY, "cifar10-ssl")
+    return df.assign(
+        protocol=protocols,
+        family="cifar10-ssl",
+        manifest_hash=[manifest_hash(p, s) for p, s in zip(protocols, df.seed, strict=True)],
+        data_fingerprint="jpeg-copy-fingerprint",
+        data_note=JPEG_NOTE,
     )
+
+
+def test_data_note_comes_from_the_store(tmp_path, sweep_df, monkeypatch):
+    monkeypatch.setenv("FSBENCH_DATA", str(tmp_path / "nothing-here"))  # never looked at
+    cifar = _cifar(sweep_df)
+    assert dataset_note(cifar) == f"Data: {JPEG_NOTE}."
+    assert dataset_notes(cifar, "cifar10-ssl-250") == [f"Data: {JPEG_NOTE}."]
+    assert dataset_note(sweep_df) == "" and dataset_notes(sweep_df) == []
+    both = pd.concat([cifar, sweep_df], ignore_index=True)
+    assert dataset_notes(both, ["cifar10-ssl-250", f"{FAMILY}-250"]) == [
+        f"Data (cifar10-ssl-250): {JPEG_NOTE}."
+    ]
+    mixed = cifar.copy()  # one entry's rows were read from the official batches
+    official = mixed.method == "lr"
+    mixed.loc[official, "data_note"] = ""
+    mixed.loc[official, "data_fingerprint"] = "official-batches-fingerprint"
+    assert dataset_notes(mixed, ["cifar10-ssl-50"]) == [
+        f"Data (some entries of cifar10-ssl-50): {JPEG_NOTE}."
+    ]
+
     out = tmp_path / "pages"
-    write_family(cifar, "cifar10-ssl", out, data_root=_jpeg_root(tmp_path / "b"))
+    write_family(cifar, "cifar10-ssl", out)
     for page in ("cifar10-ssl.md", "cifar10-ssl-250.md"):
-        assert "JPEG copy" in (out / page).read_text()
-    write_leaderboard(cifar, "cifar10-ssl-50", out / "single", data_root=tmp_path / "nothing")
-    single = (out / "single" / "cifar10-ssl-50.md").read_text()
-    assert "Source: not checked" in single and "JPEG copy" in single
+        assert f"Data: {JPEG_NOTE}." in (out / page).read_text()
+    write_leaderboard(cifar, "cifar10-ssl-50", out / "single")
+    assert (
+        (out / "single" / "cifar10-ssl-50.md")
+        .read_text()
+        .startswith(f"# cifar10-ssl-50\n\nData: {JPEG_NOTE}.\n\nSetting: ")
+    )
+    write_leaderboard(cifar, "cifar10-ssl-50", out / "own", note="Data: as I say.")
+    assert "Data: as I say." in (out / "own" / "cifar10-ssl-50.md").read_text()
 
 
 # ------------------------------------------------------------------ command line
@@ -216,22 +234,24 @@ def workdir(tmp_path, monkeypatch):
     (cards / "mt.toml").write_text(CARD)
     monkeypatch.setenv("FSBENCH_BASELINES", str(cards))
     rows = _sweep_rows()
-    rows += [{**r, "protocol": "cifar10-ssl-250"} for r in rows if r["protocol"] == f"{FAMILY}-250"]
+    fm250 = [r for r in rows if r["protocol"] == f"{FAMILY}-250"]
+    rows += _cifar(fm250).replace({np.nan: None}).to_dict("records")
     rng = np.random.default_rng(0)
     for method, base in [("protonet", 0.95), ("nearest", 0.7)]:
         for t in range(20):
             rows.append(
-                {
-                    **rows[0],
-                    "protocol": "omniglot-5w1s",
-                    "method": method,
-                    "config_hash": f"cfg-{method}",
-                    "setting": "inductive",
-                    "task_index": t,
-                    "accuracy": float(np.clip(base + rng.normal(0, 0.03), 0, 1)),
-                    "x_value": 1.0,
-                    "x_label": "shots per class",
-                }
+                v2_row(
+                    "omniglot-5w1s",
+                    method,
+                    0,
+                    t,
+                    float(np.clip(base + rng.normal(0, 0.03), 0, 1)),
+                    family="omniglot-5w1s",  # a protocol file of its own: its own family
+                    config_hash=f"cfg-{method}",
+                    setting="inductive",
+                    x_value=1.0,
+                    x_label="shots per class",
+                )
             )
     wd = tmp_path / "runs"
     with ResultsStore(wd / "results.sqlite") as store:
@@ -241,9 +261,9 @@ def workdir(tmp_path, monkeypatch):
 
 def test_cli_leaderboard_all(tmp_path, workdir, capsys):
     out = tmp_path / "lb"
-    root = _jpeg_root(tmp_path)
     args = ["leaderboard", "--all", "--workdir", str(workdir), "--out", str(out)]
-    assert main([*args, "--data-root", str(root)]) == 0
+    # --data-root is accepted (older scripts) and ignored: the data note comes from the store
+    assert main([*args, "--data-root", str(tmp_path / "nothing")]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] == f"wrote {out / 'index.md'}"
     for name in (f"{FAMILY}.md", f"{FAMILY}.png", f"{FAMILY}-1000.md", "cifar10-ssl-250.md"):
@@ -276,7 +296,8 @@ def test_cli_leaderboard_all(tmp_path, workdir, capsys):
     assert "JPEG copy" in (out / "cifar10-ssl-250.md").read_text()
     assert "JPEG" not in fam_md
     omni = (out / "omniglot-5w1s.md").read_text()
-    assert "Dataset: omniglot" in omni and "5-way 1-shot" in omni
+    assert omni.startswith("# omniglot-5w1s\n\nSetting: inductive. 40 task results.")
+    assert "Paired comparison" in omni and "Imported" not in omni and "task sets" not in omni
 
 
 def test_cli_leaderboard_named(tmp_path, workdir, capsys):
@@ -345,6 +366,9 @@ source = "Snell et al. 2017, Table 1 (Omniglot, 20-way 5-shot)"
 """
 
 
+OMNIGLOT_NOTE = "Omniglot read from images_background.zip / images_evaluation.zip"
+
+
 def _group_rows() -> list[dict]:
     rows = []
     for method, cfg, backbone, accs in GROUP_ENTRIES:
@@ -353,19 +377,21 @@ def _group_rows() -> list[dict]:
                 continue
             for t, noise in enumerate(TASK_NOISE):
                 rows.append(
-                    {
-                        **_sweep_rows()[0],
-                        "protocol": protocol,
-                        "method": method,
-                        "config_hash": cfg,
-                        "setting": "inductive",
-                        "backbone": backbone,
-                        "task_index": t,
-                        "accuracy": acc + noise,
-                        "seconds": 0.1 * (i + 1),
-                        "x_value": 1.0 if "1s" in protocol else 5.0,
-                        "x_label": "shots per class",
-                    }
+                    v2_row(
+                        protocol,
+                        method,
+                        0,
+                        t,
+                        acc + noise,
+                        family=protocol,
+                        data_note=OMNIGLOT_NOTE,
+                        config_hash=cfg,
+                        setting="inductive",
+                        backbone=backbone,
+                        seconds=0.1 * (i + 1),
+                        x_value=1.0 if "1s" in protocol else 5.0,
+                        x_label="shots per class",
+                    )
                 )
     return rows
 
@@ -428,8 +454,8 @@ def test_write_group_page(tmp_path):
     assert "omniglot.png" not in names  # no x axis across a group
 
     md = (tmp_path / "omniglot.md").read_text()
-    assert md.startswith("# omniglot\n\nDataset: omniglot (")
-    assert md.count("Dataset: ") == 1 and "20-way 5-shot" in md  # one note for one dataset
+    assert md.startswith(f"# omniglot\n\nData: {OMNIGLOT_NOTE}.\n\nSetting: inductive.")
+    assert md.count("Data") == 1  # one note for one data note
     assert "Columns: 5w1s = omniglot-5w1s, 5w5s = omniglot-5w5s," in md
     table = _table_rows(md, "## Accuracy (%) by protocol")
     assert table[0] == [
@@ -512,12 +538,15 @@ def test_group_page_gaps_and_notes(tmp_path):
     assert "omniglot-20w1s.md" not in names and "omniglot-5w1s.md" in names
     md = (tmp_path / "omniglot-5w1s-group.md").read_text()
     assert "No results yet: omniglot-20w1s." in md and "Columns:" not in md
-    assert md.count("Dataset: ") == 2 and "Dataset: fashion-mnist" in md
+    # the data note holds for the Omniglot rows only: it says for which protocols
+    note = f"Data (omniglot-5w1s, omniglot-5w5s, omniglot-20w5s): {OMNIGLOT_NOTE}."
+    assert md.startswith(f"# omniglot-5w1s\n\n{note}\n\nSetting: ")
     table = _table_rows(md, "## Accuracy (%) by protocol")
     assert table[0][5:10] == [*GROUP, f"{FAMILY}-250"]
     assert all(r[7] == "—" for r in table[1:])  # omniglot-20w1s
     assert table[-1][0] == "lp [conv4]"  # worst mean at the bottom; labelled by backbone
-    assert dataset_notes(GROUP[:2]) == [dataset_note(GROUP[:2])]
+    assert dataset_notes(df, GROUP[:2]) == [dataset_note(df, GROUP[:2])]
+    assert dataset_note(df, GROUP[:2]) == f"Data: {OMNIGLOT_NOTE}."
 
 
 def test_cli_leaderboard_group(tmp_path, monkeypatch, capsys):

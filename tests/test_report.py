@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import warnings
@@ -10,6 +11,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from report_rows import v2_row
 from scipy import stats
 
 from fewshot_bench.report import (
@@ -36,23 +38,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _row(protocol, method, seed, task, acc, **kw):
-    row = {
-        "protocol": protocol,
-        "method": method,
-        "config_hash": kw.pop("config_hash", f"cfg_{method}_0123456789"),
-        "setting": kw.pop("setting", "transductive"),
-        "seed": seed,
-        "task_index": task,
-        "accuracy": acc,
-        "top5": kw.pop("top5", None),
-        "seconds": kw.pop("seconds", 0.5),
-        "device": kw.pop("device", "cpu"),
-        "x_value": kw.pop("x_value", 1.0),
-        "x_label": kw.pop("x_label", "shots per class"),
-        "timestamp": kw.pop("timestamp", "2024-05-01T00:00:00"),
-    }
-    assert not kw
-    return row
+    """A full schema-2 store row (see report_rows.v2_row)."""
+    return v2_row(protocol, method, seed, task, acc, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +205,7 @@ def test_summarise_orders_sweeps_by_budget(episodic_df):
     # families first ("cifar10" < "mini"), each family contiguous, accuracy descending inside
     assert list(s["protocol"].iloc[-3:]) == ["mini-5way-1shot"] * 3
     assert s[s.protocol == "mini-5way-1shot"]["accuracy"].is_monotonic_decreasing
-    # a "family" column (as the CLI sets from the protocol files) takes precedence over names
+    # the store's "family" column takes precedence over names
     fam = df.assign(family=np.where(df.protocol == "mini-5way-1shot", "a-first", "z-last"))
     assert summarise(fam)["protocol"].iloc[0] == "mini-5way-1shot"
 
@@ -231,13 +218,17 @@ def test_prepare_duplicates_and_missing_columns():
     with pytest.warns(UserWarning, match="duplicate"):
         out = prepare(pd.DataFrame(rows))
     assert len(out) == 1 and out["accuracy"].iloc[0] == 0.8
-    minimal = pd.DataFrame([{"protocol": "p", "method": "A", "config_hash": "c", "seed": 0,
-                             "task_index": 0, "accuracy": 0.5}])  # fmt: skip
+    minimal = pd.DataFrame([{"protocol": "p", "manifest_hash": "m", "method": "A",
+                             "config_hash": "c", "seed": 0, "task_index": 0,
+                             "accuracy": 0.5}])  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(summarise(minimal)) == 1
     with pytest.raises(ReportError, match="missing column"):
         prepare(minimal.drop(columns="task_index"))
+    # without the manifest hash rows of different task sets could be pooled: refused
+    with pytest.raises(ReportError, match=r"missing column.*manifest_hash"):
+        prepare(minimal.drop(columns="manifest_hash"))
 
 
 def test_leaderboard(episodic_df):
@@ -370,26 +361,25 @@ def test_ci_dataclass_str():
     assert str(ci) == "0.5000 ± 0.0100"
 
 
-def test_entries_are_named_by_their_non_default_parameters():
-    import json
+def test_entries_are_named_by_their_non_default_parameters_as_run():
+    """Labels come from the store's ``params`` column (as run), never from today's defaults."""
+    from fewshot_bench.report import format_params
 
-    from fewshot_bench.report.tables import changed_params
-
-    cfg = json.dumps(
-        {
-            "method": "propagation-classifier",
-            "params": {"propagator": "spectral", "k": 10, "l2": 1e-3},
-            "backbone": "pixels",
-        }
+    spectral = json.dumps({"propagator": "spectral"})
+    assert format_params(spectral) == "propagator=spectral"
+    assert format_params(json.dumps({"init": "/x/y/conv4-inst.pt", "lr": 3e-3})) == (
+        "init=conv4-inst.pt, lr=0.003"
     )
-    assert changed_params(cfg) == "propagator=spectral"
-    ft = json.dumps({"method": "finetune", "params": {"init": "/x/y/conv4-inst.pt", "lr": 3e-3}})
-    assert changed_params(ft) == "init=conv4-inst.pt"
-    assert changed_params(None) == changed_params("not json") == ""
-    assert changed_params(json.dumps({"method": "no-such-method", "params": {"a": 1}})) == ""
+    assert format_params("{}") == format_params("") == format_params(None) == ""
+    assert format_params("k=3") == "k=3"  # already formatted text stays as it is
     rows = [
-        {**_row("p", "propagation-classifier", 0, t, 0.5 + 0.1 * t), "config": cfg}
-        for t in range(3)
+        _row("p", "propagation-classifier", 0, t, 0.5 + 0.1 * t, params=spectral) for t in range(3)
     ]
+    # the full config may hold any values (a default that changed later): only params counts
+    rows = [{**r, "config": json.dumps({"method": r["method"], "params": {"k": 99}})} for r in rows]
     board = leaderboard(pd.DataFrame(rows), "p")
     assert board["entry"].tolist() == ["propagation-classifier (propagator=spectral)"]
+    # a method name no one registered here is reported all the same
+    alien = [_row("p", "plugin-method", 0, t, 0.4, params='{"depth": 3}') for t in range(2)]
+    board = leaderboard(pd.DataFrame(alien), "p")
+    assert board["entry"].tolist() == ["plugin-method (depth=3)"]

@@ -1,37 +1,61 @@
 """Reports: confidence intervals, paired tests, leaderboards (Markdown, CSV, LaTeX) and plots.
 
-All functions take the results store as a DataFrame (``run.load_results``), one row per task.
-See :mod:`fewshot_bench.report.stats` for how intervals are computed.
+All functions take the results store as a DataFrame (``run.load_results``), one row per task,
+and read nothing else: entry names come from the store's ``params`` column, families from
+``family``, dataset notes from ``data_note``; no method, dataset or protocol code is imported,
+so a published table does not move when a default or a protocol file changes later. Run cards
+(``baselines/*.toml``, :mod:`fewshot_bench.report.cards`) are read as data for the papers'
+reported numbers.
+
+An entry is (protocol, method, config_hash, code_fingerprint, backbone) on one task set; rows
+of different task sets (manifests) or code are never pooled, and paired comparisons pair only
+the very same tasks (see :mod:`fewshot_bench.report.entries`, :mod:`fewshot_bench.report.stats`).
+
+Modules, leaves first (each imports only modules above it, so there is no import cycle):
+``entries`` → ``stats`` → ``notes``, ``tables``, ``plots`` → ``family`` → ``pages``;
+``cards`` stands alone. This package module only re-exports.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-
-import pandas as pd
-
-from fewshot_bench.atomic import write_text_atomic
+from fewshot_bench.report.entries import (
+    ENTRY_KEY,
+    PAGE_KEY,
+    entry_labels,
+    entry_name,
+    families,
+    format_params,
+    protocol_family,
+    safe_name,
+    short_backbone,
+)
 from fewshot_bench.report.family import (
     best_at_largest,
     family_protocols,
     family_summary,
     group_headers,
     group_summary,
-    short_backbone,
     write_family_page,
     write_group_page,
 )
-from fewshot_bench.report.notes import dataset_note, dataset_notes
-from fewshot_bench.report.plots import (
-    axis_label,
-    curve_table,
-    families,
-    plot_accuracy_curve,
-    protocol_family,
+from fewshot_bench.report.notes import (
+    dataset_note,
+    dataset_notes,
+    imported_notes,
+    provenance_notes,
+    task_set_notes,
 )
+from fewshot_bench.report.pages import (
+    CI_NOTE,
+    PageLine,
+    write_all,
+    write_family,
+    write_group,
+    write_index,
+    write_leaderboard,
+    write_leaderboards,
+)
+from fewshot_bench.report.plots import axis_label, curve_table, plot_accuracy_curve
 from fewshot_bench.report.stats import (
     CI,
     PairedResult,
@@ -44,7 +68,6 @@ from fewshot_bench.report.stats import (
 )
 from fewshot_bench.report.tables import (
     Reported,
-    _fmt_mean_ci,
     comparison_matrix,
     comparison_table,
     latex_escape,
@@ -58,35 +81,47 @@ from fewshot_bench.report.tables import (
 
 __all__ = [
     "CI",
+    "CI_NOTE",
+    "ENTRY_KEY",
+    "PAGE_KEY",
+    "PageLine",
     "PairedResult",
     "ReportError",
     "Reported",
-    "PageLine",
     "aggregate",
+    "axis_label",
+    "best_at_largest",
     "comparison_matrix",
     "comparison_table",
     "curve_table",
     "dataset_note",
     "dataset_notes",
+    "entry_labels",
+    "entry_name",
     "families",
     "family_protocols",
     "family_summary",
     "format_p",
+    "format_params",
     "group_headers",
     "group_summary",
+    "imported_notes",
     "latex_escape",
     "leaderboard",
+    "markdown_table",
     "mean_ci",
     "paired_test",
     "plot_accuracy_curve",
     "prepare",
     "protocol_family",
+    "provenance_notes",
+    "safe_name",
+    "short_backbone",
     "summarise",
+    "task_set_notes",
     "to_csv",
     "to_latex",
     "to_markdown",
-    "safe_name",
-    "short_backbone",
     "write_all",
     "write_family",
     "write_family_page",
@@ -96,285 +131,3 @@ __all__ = [
     "write_leaderboard",
     "write_leaderboards",
 ]
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-CI_NOTE = (
-    "Mean accuracy ± 95% confidence interval. When every seed holds one task (semi-supervised "
-    "splits) the interval is over seeds with Student-t; otherwise episodes of all seeds are pooled "
-    "(1.96·sd/√n, Student-t below 30 episodes). Paired comparisons use only tasks both entries ran "
-    "(same protocol, seed and task index): mean difference in percentage points and the paired "
-    "t-test p-value."
-)
-
-
-def safe_name(protocol: str) -> str:
-    """A file-name stem for a protocol (characters outside ``[A-Za-z0-9._-]`` become ``_``)."""
-    return _UNSAFE.sub("_", protocol).strip("._") or "protocol"
-
-
-def write_leaderboard(
-    df: pd.DataFrame,
-    protocol: str,
-    out_dir: str | Path,
-    reported: Reported | None = None,
-    *,
-    family: str | None = None,
-    note: str | None = None,
-    data_root: str | Path | None = None,
-    plot: bool = True,
-    family_page: str | None = None,
-    group_page: str | None = None,
-) -> list[Path]:
-    """Write ``<protocol>.md``, ``.csv`` and ``.tex`` (and ``.png``) into ``out_dir``; return paths.
-
-    The PNG (accuracy vs ``x_value`` of the protocol's whole family, e.g. all label counts of
-    CIFAR-10) is written when ``plot`` and ``x_value`` takes more than one value in that family.
-    ``family`` overrides :func:`protocol_family`. ``note``: the dataset line (default:
-    :func:`dataset_note`); ``family_page``, ``group_page``: a family or group page file to
-    link to. Other files in ``out_dir`` are left untouched.
-    """
-    data = prepare(df)
-    board = leaderboard(data, protocol, reported)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = safe_name(protocol)
-    rows = data[data["protocol"] == protocol]
-    fam_of_rows = families(data)
-    fam = family or fam_of_rows[data["protocol"] == protocol].iloc[0]
-    settings = ", ".join(sorted({s for s in board["setting"] if s})) or "unknown setting"
-
-    paths: list[Path] = []
-    png: Path | None = None
-    fam_rows = data[(fam_of_rows == fam) | (data["protocol"] == protocol)]
-    if plot and fam_rows["x_value"].dropna().nunique() > 1:
-        title = None if family is None else f"{family}: accuracy vs {axis_label(fam_rows)}"
-        png = plot_accuracy_curve(fam_rows, out / f"{stem}.png", title=title)
-
-    if note is None:
-        note = dataset_note(protocol, data_root)
-    md = [f"# {protocol}", ""]
-    if note:
-        md += [note, ""]
-    md += [f"Setting: {settings}. {len(rows)} task results.", ""]
-    if family_page:
-        md += [f"Family page (all budgets): [{Path(family_page).stem}]({family_page})", ""]
-    if group_page:
-        md += [f"Group page: [{Path(group_page).stem}]({group_page})", ""]
-    shown = board.assign(backbone=board["backbone"].map(short_backbone))
-    md += [to_markdown(shown).rstrip("\n"), "", CI_NOTE, ""]
-    if len(board) > 1:
-        pairs = comparison_table(data, protocol)
-        if (pairs["n_shared"] > 0).any():
-            md += ["## Paired comparison (row − column, pp)", ""]
-            md += [to_markdown(comparison_matrix(data, protocol)).rstrip("\n"), ""]
-    if png is not None:
-        md += [f"![accuracy vs {fam}]({png.name})", ""]
-    md_path = out / f"{stem}.md"
-    write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
-    paths.append(md_path)
-
-    csv_path = out / f"{stem}.csv"
-    to_csv(board, csv_path)
-    paths.append(csv_path)
-
-    tex_path = out / f"{stem}.tex"
-    caption = f"{protocol} ({settings}): mean accuracy ± 95% CI"
-    to_latex(board, tex_path, caption=caption, label=f"tab:{stem}")
-    paths.append(tex_path)
-    if png is not None:
-        paths.append(png)
-    return paths
-
-
-def write_leaderboards(
-    df: pd.DataFrame,
-    out_dir: str | Path,
-    protocols: Sequence[str] | None = None,
-    reported: Mapping[str, Reported] | None = None,
-    *,
-    data_root: str | Path | None = None,
-) -> list[Path]:
-    """:func:`write_leaderboard` for each protocol (all with results by default);
-    ``reported`` maps protocol → that protocol's reported numbers."""
-    data = prepare(df)
-    names = list(protocols) if protocols is not None else sorted(data["protocol"].unique())
-    paths: list[Path] = []
-    for p in names:
-        paths += write_leaderboard(data, p, out_dir, (reported or {}).get(p), data_root=data_root)
-    return paths
-
-
-def _family_stem(family: str, protocols: Sequence[str]) -> str:
-    stem = safe_name(family)
-    return f"{stem}-family" if stem in {safe_name(p) for p in protocols} else stem
-
-
-def write_family(
-    df: pd.DataFrame,
-    family: str,
-    out_dir: str | Path,
-    reported: Mapping[str, Reported] | None = None,
-    *,
-    data_root: str | Path | None = None,
-) -> list[Path]:
-    """Pages for a protocol family: one page per protocol, plus, when the family has more than
-    one protocol with results, the family page (:func:`write_family_page`) they link to."""
-    data = prepare(df)
-    protos = family_protocols(data, family)
-    if not protos:
-        known = sorted(set(families(data)))
-        raise ReportError(f"no results for family {family!r}; families with results: {known}")
-    rep = reported or {}
-    if len(protos) == 1:
-        return write_leaderboard(
-            data, protos[0], out_dir, rep.get(protos[0]), family=family, data_root=data_root
-        )
-    stem = _family_stem(family, protos)
-    paths: list[Path] = []
-    links = []
-    for p in protos:
-        written = write_leaderboard(
-            data,
-            p,
-            out_dir,
-            rep.get(p),
-            family=family,
-            data_root=data_root,
-            plot=False,
-            family_page=f"{stem}.md",
-        )
-        links.append(written[0].name)
-        paths += written
-    note = dataset_note(protos, data_root)
-    page = write_family_page(
-        data, family, out_dir, rep, note=note, stem=stem, links=links, ci_note=CI_NOTE
-    )
-    return page + paths
-
-
-def write_group(
-    df: pd.DataFrame,
-    protocols: Sequence[str],
-    name: str,
-    out_dir: str | Path,
-    reported: Mapping[str, Reported] | None = None,
-    *,
-    data_root: str | Path | None = None,
-) -> list[Path]:
-    """Pages for protocols that are not one sweep (e.g. Omniglot 5/20-way 1/5-shot): one page
-    per protocol with results (linking to the group page), plus the group page
-    :func:`write_group_page` ``<name>.md/.csv/.tex`` with one column per protocol in the order
-    given (``<name>-group`` when ``name`` is one of the protocols). ``reported`` maps protocol →
-    method → ``(value, source[, ci])``. Group page paths first."""
-    data = prepare(df)
-    order = list(dict.fromkeys(protocols))
-    present = [p for p in order if p in set(data["protocol"])]
-    if not present:
-        known = sorted(data["protocol"].unique())
-        raise ReportError(f"no results for any of {order}; protocols with results: {known}")
-    stem = safe_name(name)
-    if stem in {safe_name(p) for p in order}:
-        stem += "-group"
-    rep = reported or {}
-    paths: list[Path] = []
-    links = []
-    for p in present:
-        written = write_leaderboard(
-            data, p, out_dir, rep.get(p), data_root=data_root, group_page=f"{stem}.md"
-        )
-        links.append(written[0].name)
-        paths += written
-    page = write_group_page(
-        data,
-        order,
-        out_dir,
-        rep,
-        name=name,
-        notes=dataset_notes(order, data_root),
-        stem=stem,
-        links=links,
-        ci_note=CI_NOTE,
-    )
-    return page + paths
-
-
-@dataclass(frozen=True)
-class PageLine:
-    """One line of ``index.md``: a page, its protocols and its best entry."""
-
-    family: str
-    page: str
-    n_protocols: int
-    best: str
-    where: str
-    accuracy: float
-    ci95: float
-    setting: str = ""
-
-
-def _page_line(data: pd.DataFrame, family: str) -> PageLine:
-    protos = family_protocols(data, family)
-    if len(protos) > 1:
-        entry, where, acc, hw, setting = best_at_largest(data, family)
-        page = f"{_family_stem(family, protos)}.md"
-        return PageLine(family, page, len(protos), entry, where, acc, hw, setting)
-    board = leaderboard(data, protos[0])
-    top = board.iloc[0]
-    page = f"{safe_name(protos[0])}.md"
-    return PageLine(
-        family, page, 1, str(top["entry"]), protos[0], top["accuracy"], top["ci95"], top["setting"]
-    )
-
-
-def write_index(lines: Sequence[PageLine], out_dir: str | Path) -> Path:
-    """``index.md``: one table row per page (family, best entry and its accuracy)."""
-    rows = []
-    for ln in lines:
-        acc = _fmt_mean_ci(ln.accuracy, ln.ci95, 2)
-        rows.append(
-            {
-                "Page": f"[{ln.family}]({ln.page})",
-                "Protocols": str(ln.n_protocols),
-                "Best entry": ln.best,
-                "Setting": ln.setting,
-                "At": ln.where,
-                "Accuracy (%)": acc,
-            }
-        )
-    columns = ["Page", "Protocols", "Best entry", "Setting", "At", "Accuracy (%)"]
-    shown = pd.DataFrame(rows, columns=columns)
-    text = "\n".join(
-        [
-            "# Leaderboards",
-            "",
-            "One line per protocol family; for sweeps the best entry is the one at the largest "
-            "budget; its setting says whether it saw the queries (transductive) or the unlabeled "
-            "pool (semi-supervised). Accuracy is the mean ± 95% CI measured here.",
-            "",
-            markdown_table(shown, [False, True, False, False, False, True]).rstrip("\n"),
-        ]
-    )
-    path = Path(out_dir) / "index.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text + "\n")
-    return path
-
-
-def write_all(
-    df: pd.DataFrame,
-    out_dir: str | Path,
-    reported: Mapping[str, Reported] | None = None,
-    *,
-    data_root: str | Path | None = None,
-) -> list[Path]:
-    """:func:`write_family` for every protocol family with results, then ``index.md`` (last)."""
-    data = prepare(df)
-    fams = families(data)
-    paths: list[Path] = []
-    lines = []
-    for family in sorted(set(fams)):
-        paths += write_family(data, family, out_dir, reported, data_root=data_root)
-        lines.append(_page_line(data, family))
-    paths.append(write_index(lines, out_dir))
-    return paths

@@ -4,7 +4,13 @@ papers' reported numbers beside them.
 A *family page* covers a protocol sweep (e.g. every label budget of CIFAR-10 SSL): its columns
 are the x values. A *group page* covers protocols that are not one sweep, in the order given
 (e.g. Omniglot 5-way 1-shot, 5-way 5-shot, 20-way 1-shot, 20-way 5-shot). Both are written by
-one page writer; they differ in column headers, row order and entry labels."""
+one page writer; they differ in column headers, row order and entry labels.
+
+A row of a page is one entry across the page's protocols: (method, config_hash,
+code_fingerprint, backbone), and its task set where it ran on several task sets of one protocol
+(:data:`~fewshot_bench.report.entries.PAGE_KEY`). A cell says "(tasks …)" when its protocol ran on
+several task sets and the row's label does not name it, and "(imported)" when its tasks were
+imported."""
 
 from __future__ import annotations
 
@@ -12,21 +18,46 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import pandas as pd
 
-from fewshot_bench.report.plots import axis_label, families, protocol_family
+from fewshot_bench.atomic import write_text_atomic
+from fewshot_bench.report.entries import (
+    PAGE_KEY,
+    entry_labels,
+    families,
+    is_imported,
+    protocol_family,
+    safe_name,
+    short_backbone,
+    with_page_sets,
+)
+from fewshot_bench.report.plots import axis_label, plot_accuracy_curve
 from fewshot_bench.report.stats import ReportError, prepare
 from fewshot_bench.report.tables import (
     Reported,
     _fmt_mean_ci,
     _join_unique,
-    entry_name,
     latex_table,
     markdown_table,
     summarise,
+    to_csv,
 )
+
+__all__ = [
+    "FAMILY_COLUMNS",
+    "GROUP_COLUMNS",
+    "best_at_largest",
+    "family_protocols",
+    "family_summary",
+    "group_headers",
+    "group_summary",
+    "short_backbone",
+    "write_family_page",
+    "write_group_page",
+    "x_header",
+]
 
 _ENTRY_COLUMNS = [
     "kind",
@@ -43,6 +74,9 @@ _ENTRY_COLUMNS = [
     "seconds",
     "device",
     "source",
+    "code_fingerprint",
+    "task_set",
+    "task_source",
 ]
 #: Columns of :func:`family_summary` (accuracy, CI and reported values in percent).
 FAMILY_COLUMNS = ["family", "protocol", "x_value", "x_label", *_ENTRY_COLUMNS]
@@ -89,58 +123,28 @@ def _reported_row(method: str, value: float, source: str, ci: float, **fields) -
         "seconds": math.nan,
         "device": "",
         "source": source,
+        "code_fingerprint": "",
+        "task_set": "",
+        "task_source": "",
     }
 
 
-def short_backbone(spec: str) -> str:
-    """A readable backbone name: ``"checkpoint:/x/conv4-ce.pt"`` → ``"conv4-ce.pt"``; other
-    ``prefix:path`` specs keep their prefix (``"prefix:file"``); ``"pixels"`` stays as it is.
-    Several backbones joined by ``", "`` are shortened one by one."""
-    if ", " in spec:
-        return ", ".join(short_backbone(s) for s in spec.split(", "))
-    prefix, sep, arg = spec.partition(":")
-    if not sep or not re.search(r"[/\\]", arg):
-        return spec
-    name = PureWindowsPath(arg).name if "\\" in arg else PurePosixPath(arg).name
-    name = name or arg
-    return name if prefix == "checkpoint" else f"{prefix}:{name}"
-
-
-def _backbone_labels(table: pd.DataFrame) -> list[str]:
-    """Method names; where a method has several entries, qualified by the short backbone when
-    that tells them apart, else by the short config hash (``"lp [conv4.pt, 1a2b3c4d]"``)."""
-    entries = table.drop_duplicates(["method", "config_hash"]).copy()
-    params = entries["params"] if "params" in entries else pd.Series("", index=entries.index)
-    entries["_name"] = [entry_name(m, p) for m, p in zip(entries["method"], params, strict=True)]
-    labels: dict[tuple[str, str], str] = {}
-    for name, g in entries.groupby("_name", sort=False):
-        if len(g) == 1:
-            labels[(g["method"].iloc[0], g["config_hash"].iloc[0])] = name
-            continue
-        short = [short_backbone(b) for b in g["backbone"]]
-        for m, c, b in zip(g["method"], g["config_hash"], short, strict=True):
-            if short.count(b) == 1:
-                labels[(m, c)] = f"{name} [{b}]"
-            elif len(set(short)) > 1:
-                labels[(m, c)] = f"{name} [{b}, {c[:8]}]"
-            else:
-                labels[(m, c)] = f"{name} [{c[:8]}]"
-    return [labels[(m, c)] for m, c in zip(table["method"], table["config_hash"], strict=True)]
-
-
-def _measured(
-    sub: pd.DataFrame, order: Sequence[str], labels: Callable[[pd.DataFrame], list[str]]
-) -> pd.DataFrame:
-    """:func:`summarise` rows (one per protocol, method and config) of the protocols in
-    ``order``, with an ``entry`` label, by column position then accuracy (best first)."""
-    table = summarise(sub)
+def _measured(sub: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+    """:func:`summarise` rows (one per protocol and entry) of the protocols in ``order``, with
+    an ``entry`` label (:func:`~fewshot_bench.report.entries.entry_labels` over all the page's
+    rows: :func:`~fewshot_bench.report.entries.with_page_sets`), by column position then
+    accuracy (best first)."""
+    table = with_page_sets(summarise(sub))
     table = table[table["protocol"].isin(order)].copy()
-    if "backbone" not in table.columns:
-        table["backbone"] = ""
-    table["entry"] = labels(table)
+    table["entry"] = entry_labels(table.assign(task_set=table["page_set"]))
     table["_p"] = table["protocol"].map({p: i for i, p in enumerate(order)})
     table = table.sort_values(["_p", "accuracy"], ascending=[True, False], kind="stable")
     return table.drop(columns="_p")
+
+
+def _key_of(frame: pd.DataFrame) -> pd.Series:
+    """The :data:`~fewshot_bench.report.entries.PAGE_KEY` tuple of every row."""
+    return pd.Series(list(frame[PAGE_KEY].itertuples(index=False, name=None)), index=frame.index)
 
 
 def _seeds_text(values: pd.Series) -> str:
@@ -156,7 +160,7 @@ class _Layout:
     stem: str
     order: list[str]  # protocols, one column each, in this order
     headers: dict[str, str]  # protocol → column header
-    keys: list[tuple[str, str]]  # (method, config_hash) of each row, top first
+    keys: list[tuple[str, ...]]  # PAGE_KEY of each row, top first
     intro: list[str]  # Markdown after the dataset note; "{n_entries}" is filled in
     axis: str  # "Accuracy (%) by <axis>", "Seconds per task by <axis>"
     order_note: str  # how rows are ordered
@@ -173,11 +177,14 @@ def _wide(
     long: pd.DataFrame, data: pd.DataFrame, lay: _Layout, *, seconds: bool = False
 ) -> tuple[pd.DataFrame, list[bool]]:
     """Display strings: one row per entry, one column per protocol (accuracy or seconds)."""
-    measured = long[long["kind"] == "measured"]
+    measured = with_page_sets(long[long["kind"] == "measured"])
+    data = with_page_sets(data)
+    measured_keys = _key_of(measured)
+    data_keys = _key_of(data)
     rows = []
-    for m, c in lay.keys:
-        g = measured[(measured["method"] == m) & (measured["config_hash"] == c)]
-        raw = data[(data["method"] == m) & (data["config_hash"] == c)]
+    for key in lay.keys:
+        g = measured[measured_keys == key]
+        raw = data[data_keys == key]
         by_p = {r["protocol"]: r for _, r in g.iterrows()}
         row = {
             "Method": g["entry"].iloc[0],
@@ -194,7 +201,12 @@ def _wide(
             elif seconds:
                 row[lay.headers[p]] = "" if math.isnan(r["seconds"]) else f"{r['seconds']:.3f}"
             else:
-                row[lay.headers[p]] = _fmt_mean_ci(r["accuracy"], r["ci95"], 2)
+                cell = _fmt_mean_ci(r["accuracy"], r["ci95"], 2)
+                if r["task_set"] and not r["page_set"]:  # the row's label does not say it
+                    cell += f" (tasks {r['task_set']})"
+                if is_imported(r["task_source"]):
+                    cell += " (imported)"
+                row[lay.headers[p]] = cell
         if not seconds:
             s = raw["seconds"].mean() if raw["seconds"].notna().any() else math.nan
             row["s / task (all)"] = "" if math.isnan(s) else f"{s:.3f}"
@@ -225,6 +237,8 @@ def _reported_display(long: pd.DataFrame, lay: _Layout) -> pd.DataFrame:
         else:
             best = mine.loc[mine["accuracy"].idxmax()]
             ours = _fmt_mean_ci(best["accuracy"], best["ci95"], 2)
+            if is_imported(best["task_source"]):
+                ours += " (imported)"
             if best["entry"] != best["method"]:
                 ours += f" ({best['entry']})"
         rows.append(
@@ -251,9 +265,6 @@ def _write_page(
 ) -> list[Path]:
     """Write ``<stem>.md``, ``.csv`` (``long``, numbers as numbers) and ``.tex`` (wide, reported
     rows below a rule); return the paths."""
-    from fewshot_bench.atomic import write_text_atomic
-    from fewshot_bench.report.tables import to_csv
-
     shown, right = _wide(long, data, lay)
     md = [f"# {lay.title}", ""]
     if note:
@@ -349,25 +360,21 @@ def family_protocols(df: pd.DataFrame, family: str) -> list[str]:
 
 
 def _reported_x(protocol: str, family: str, data: pd.DataFrame) -> float | None:
-    """The x value of a reported protocol of ``family``; ``None`` when it is another family's."""
-    from fewshot_bench.report.notes import find_protocol
+    """The x value of a reported protocol of ``family``; ``None`` when it is another family's.
 
+    Read from the rows; a protocol without results counts as the family's when its name says
+    so (:func:`protocol_family`), with no x value (protocol files are not read)."""
     rows = data[data["protocol"] == protocol]
     if not rows.empty:
         return float(rows["x_value"].min()) if families(rows).iloc[0] == family else None
-    proto = find_protocol(protocol)
-    if proto is None:
-        return math.nan if protocol_family(protocol) == family else None
-    if proto.family != family:
-        return None
-    return math.nan if proto.x_value is None else float(proto.x_value)
+    return math.nan if protocol_family(protocol) == family else None
 
 
 def family_summary(
     df: pd.DataFrame, family: str, reported: Mapping[str, Reported] | None = None
 ) -> pd.DataFrame:
-    """Long table of a family: one ``kind="measured"`` row per (protocol, method, config_hash)
-    with :func:`summarise`'s numbers, then one ``kind="reported"`` row per number the papers
+    """Long table of a family: one ``kind="measured"`` row per protocol and entry (method,
+    config_hash, code_fingerprint, backbone, task set) with :func:`summarise`'s numbers, then one ``kind="reported"`` row per number the papers
     report for a protocol of the family (``reported`` maps protocol → method → number)."""
     data = prepare(df)
     sub = data[families(data) == family]
@@ -377,7 +384,7 @@ def family_summary(
     order = family_protocols(sub, family)
     xs = sub.groupby("protocol")["x_value"].min().to_dict()
     label = axis_label(sub)
-    table = _measured(sub, order, _backbone_labels)
+    table = _measured(sub, order)
     table["family"] = family
     table["x_value"] = table["protocol"].map(xs)
     table["x_label"] = label
@@ -426,14 +433,14 @@ def _columns(long: pd.DataFrame, order: Sequence[str]) -> dict[str, str]:
     return {p: x_header(xs[p], label) if unique else p for p in order}
 
 
-def _entry_order(measured: pd.DataFrame, order: Sequence[str]) -> list[tuple[str, str]]:
-    """(method, config_hash) keys, best at the largest x first; entries lacking it after."""
+def _entry_order(measured: pd.DataFrame, order: Sequence[str]) -> list[tuple[str, ...]]:
+    """:data:`~fewshot_bench.report.entries.PAGE_KEY` tuples, best at the largest x first; entries lacking it after."""
     pos = {p: i for i, p in enumerate(order)}
     keys = []
-    for (m, c), g in measured.groupby(["method", "config_hash"], sort=True):
+    for key, g in with_page_sets(measured).groupby(PAGE_KEY, sort=True):
         last = g.loc[g["protocol"].map(pos).idxmax()]
-        keys.append((-pos[last["protocol"]], -last["accuracy"], m, c))
-    return [(m, c) for _, _, m, c in sorted(keys)]
+        keys.append((-pos[last["protocol"]], -last["accuracy"], tuple(key)))
+    return [k for _, _, k in sorted(keys)]
 
 
 def write_family_page(
@@ -450,9 +457,6 @@ def write_family_page(
     """Write ``<family>.md``, ``.csv`` (long format, numbers as numbers), ``.tex`` (wide) and
     ``.png`` (accuracy vs x) into ``out_dir``; return the paths. ``links``: per-protocol page
     file names to list; ``note``: the dataset line."""
-    from fewshot_bench.report import safe_name
-    from fewshot_bench.report.plots import plot_accuracy_curve
-
     data = prepare(df)
     data = data[families(data) == family]
     long = family_summary(data, family, reported)
@@ -501,14 +505,14 @@ def write_family_page(
 
 def best_at_largest(df: pd.DataFrame, family: str) -> tuple[str, str, float, float, str]:
     """(entry, x header, accuracy %, ci95, setting) of the best entry at the family's largest x
-    value."""
+    value; the entry label ends in ``" (imported tasks)"`` when it ran on imported episodes."""
     long = family_summary(df, family)
     order = family_protocols(df, family)
     headers = _columns(long, order)
     measured = long[(long["kind"] == "measured") & (long["protocol"] == order[-1])]
     best = measured.loc[measured["accuracy"].idxmax()]
     return (
-        str(best["entry"]),
+        str(best["entry"]) + (" (imported tasks)" if is_imported(best["task_source"]) else ""),
         headers[order[-1]],
         float(best["accuracy"]),
         float(best["ci95"]),
@@ -548,13 +552,13 @@ def group_headers(protocols: Sequence[str]) -> dict[str, str]:
     return dict(zip(names, short, strict=True))
 
 
-def _mean_order(measured: pd.DataFrame) -> list[tuple[str, str]]:
-    """(method, config_hash) keys by the mean accuracy over the columns each entry has (best
-    first), then method and config hash."""
+def _mean_order(measured: pd.DataFrame) -> list[tuple[str, ...]]:
+    """:data:`~fewshot_bench.report.entries.PAGE_KEY` tuples by the mean accuracy over the columns each entry has (best
+    first), then method, config hash, code, backbone and task set."""
     keys = []
-    for (m, c), g in measured.groupby(["method", "config_hash"], sort=True):
-        keys.append((-float(g["accuracy"].mean()), m, c))
-    return [(m, c) for _, m, c in sorted(keys)]
+    for key, g in with_page_sets(measured).groupby(PAGE_KEY, sort=True):
+        keys.append((-float(g["accuracy"].mean()), tuple(key)))
+    return [k for _, k in sorted(keys)]
 
 
 def group_summary(
@@ -565,13 +569,14 @@ def group_summary(
     name: str = "group",
 ) -> pd.DataFrame:
     """Long table of a group page (:data:`GROUP_COLUMNS`): one ``kind="measured"`` row per
-    (protocol, method, config_hash) of the given protocols, by protocol in the order given then
+    (protocol, entry) of the given protocols, by protocol in the order given then
     accuracy, then one ``kind="reported"`` row per number the papers report for them
     (``reported`` maps protocol → method → ``value``, ``(value, source)`` or
     ``(value, source, ci)``). ``column`` is the protocol's header (:func:`group_headers`).
 
-    Entries are (method, config_hash); the runner's config hash covers the backbone, so one
-    method on two backbones gives two entries, labelled by their backbones."""
+    Entries are (method, config_hash, code_fingerprint, backbone, task set); the runner's config
+    hash covers the backbone, so one method on two backbones gives two entries, labelled by
+    their backbones."""
     order = list(dict.fromkeys(protocols))
     if not order:
         raise ReportError("a group page needs at least one protocol")
@@ -581,7 +586,7 @@ def group_summary(
         known = sorted(data["protocol"].unique())
         raise ReportError(f"no results for any of {order}; protocols with results: {known}")
     headers = group_headers(order)
-    table = _measured(sub, order, _backbone_labels)
+    table = _measured(sub, order)
     table["group"] = name
     table["column"] = table["protocol"].map(headers)
     table["kind"] = "measured"
@@ -626,8 +631,6 @@ def write_group_page(
     (— where an entry did not run it; a protocol without results is an empty column), rows by
     the mean accuracy over the columns each has. ``notes``: dataset lines; ``links``:
     per-protocol page file names to list. Return the paths."""
-    from fewshot_bench.report import safe_name
-
     order = list(dict.fromkeys(protocols))
     long = group_summary(df, order, reported, name=name)
     data = prepare(df)

@@ -1,128 +1,139 @@
-"""One-line dataset notes for leaderboard pages: the dataset, its splits, and which copy of the
-data the loader reads (e.g. the JPEG copy of CIFAR-10).
+"""Lines of text for leaderboard pages, from the results store's own columns: the data note
+(e.g. that CIFAR-10 was read from its JPEG copy), imported episodes, and protocols whose rows
+ran on several task sets.
 
-Only protocol files and file names under the data root are looked at, never image data. The
-results store does not record which copy of a dataset a run read, so the copy is inferred the way
-the loader picks it, on the machine that writes the page.
+Everything here reads the rows, never protocol files, dataset loaders or the data root: the
+runner records in ``data_note`` what it knew about the data it read, and a page written later,
+on another machine, says the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fewshot_bench.errors import FsbenchError
+import pandas as pd
 
-if TYPE_CHECKING:  # the protocol module pulls in torch: imported lazily below
-    from fewshot_bench.tasks.protocol import Protocol
-
-
-def find_protocol(name: str) -> Protocol | None:
-    """The protocol called ``name`` from the protocol files, or ``None`` when none is."""
-    from fewshot_bench.tasks.protocol import all_protocols
-
-    try:
-        return all_protocols().get(name)
-    except FsbenchError:
-        return None
+from fewshot_bench.report.entries import (
+    TASK_ORIGIN,
+    is_imported,
+    parse_task_source,
+    short_hash,
+    source_text,
+    task_sets,
+)
+from fewshot_bench.report.stats import prepare
 
 
-def _dataset_description(name: str) -> str:
-    from fewshot_bench.data.registry import get_info
-
-    try:
-        return get_info(name).description
-    except FsbenchError:
-        return ""
-
-
-def source_note(dataset: str, splits: Sequence[str], data_root: str | Path | None = None) -> str:
-    """Which copy of ``dataset`` the loader reads from the data root; ``""`` when there is only one.
-
-    CIFAR-10 has three (python batches, JPEG zips, image folder), tried in that order per split,
-    as :func:`fewshot_bench.data.cifar.load_cifar10` does.
-    """
-    from fewshot_bench.data.base import data_root as resolve_root
-    from fewshot_bench.data.cifar import CIFAR10_FOLDER, CIFAR10_JPEG, CIFAR10_PY, JPEG_NOTE
-    from fewshot_bench.data.registry import get_info
-
-    try:
-        name = get_info(dataset).name
-    except FsbenchError:
-        return ""
-    if name != "cifar10":
-        return ""
-    root = resolve_root(data_root)
-    if (root / CIFAR10_PY).is_dir():
-        return f"Source: the official CIFAR-10 python batches ({CIFAR10_PY}/)."
-    jpeg = [s for s in splits if (root / CIFAR10_JPEG / f"{s}.zip").is_file()]
-    if jpeg:
-        zips = ", ".join(f"{CIFAR10_JPEG}/{s}.zip" for s in jpeg)
-        return f"Source: the JPEG copy of CIFAR-10 ({zips}; {JPEG_NOTE})."
-    if all((root / CIFAR10_FOLDER / s).is_dir() for s in splits):
-        return f"Source: an image folder ({CIFAR10_FOLDER}/<split>/<class>/)."
-    return (
-        f"Source: not checked (no CIFAR-10 files under {root}); results read from the "
-        f"{CIFAR10_JPEG} zips are a JPEG copy ({JPEG_NOTE})."
-    )
-
-
-def _fmt_x(x: float | None) -> str:
-    return "?" if x is None else f"{x:g}"
-
-
-def dataset_note(protocols: str | Sequence[str], data_root: str | Path | None = None) -> str:
-    """A one-line description of the protocols' dataset and splits (one protocol or a family),
-    with the copy of the data read (see :func:`source_note`)."""
-    names = [protocols] if isinstance(protocols, str) else list(protocols)
-    found = [find_protocol(n) for n in names]
-    missing = [n for n, p in zip(names, found, strict=True) if p is None]
-    protos = [p for p in found if p is not None]
-    if not protos:
-        return (
-            f"Dataset: not known ({', '.join(missing)} has no protocol file in episodes/ or "
-            "$FSBENCH_PROTOCOLS)."
-        )
-    first = protos[0]
-    ds = first.dataset["name"]
-    desc = _dataset_description(ds)
-    text = f"Dataset: {ds}" + (f" ({desc})" if desc else "") + "."
-    if len(protos) == 1:
-        split = first.summary()
-    elif all(p.kind == "ssl" for p in protos) and len({p.dataset["name"] for p in protos}) == 1:
-        prm = first.params
-        pct = first.x_label.startswith("%")
-        xs = ", ".join(_fmt_x(p.x_value) + ("%" if pct else "") for p in protos)
-        amount = f"{xs}{first.x_label[1:]}" if pct else f"{xs} {first.x_label}"
-        split = (
-            f"{ds}[{'+'.join(first.splits)}]: balanced labels from {prm['labeled_split']} "
-            f"({amount}), the rest unlabeled; query {prm['query_split']}"
-        )
+def _rows(df: pd.DataFrame, protocols: str | Sequence[str] | None) -> tuple[pd.DataFrame, list]:
+    data = prepare(df)
+    if protocols is None:
+        names = list(dict.fromkeys(data["protocol"]))
     else:
-        split = "; ".join(p.summary() for p in protos)
-    text += f" Splits: {split}."
-    if first.dataset.get("image_size"):
-        size = first.dataset["image_size"]
-        text += f" Images resized to {size}x{size}."
-    source = source_note(ds, first.splits, data_root)
-    if source:
-        text += f" {source}"
-    if missing:
-        text += f" ({', '.join(missing)}: no protocol file found.)"
-    return text
+        names = [protocols] if isinstance(protocols, str) else list(dict.fromkeys(protocols))
+        data = data[data["protocol"].isin(names)]
+    return data, [n for n in names if n in set(data["protocol"])]
 
 
-def dataset_notes(protocols: Sequence[str], data_root: str | Path | None = None) -> list[str]:
-    """:func:`dataset_note` for protocols of possibly different datasets (a group page): one
-    line per dataset, in order of first appearance, with that dataset's protocols; protocols
-    without a protocol file share one line. Repeated lines are dropped."""
-    by_dataset: dict[str, list[str]] = {}
-    for name in dict.fromkeys(protocols):
-        proto = find_protocol(name)
-        key = "" if proto is None else str(proto.dataset["name"])
-        by_dataset.setdefault(key, []).append(name)
-    notes = [dataset_note(names, data_root) for key, names in by_dataset.items() if key]
-    if "" in by_dataset:
-        notes.append(dataset_note(by_dataset[""], data_root))
-    return list(dict.fromkeys(notes))
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?", ")")) else f"{text}."
+
+
+def _seeds(values: Sequence[int]) -> str:
+    seeds = sorted({int(v) for v in values})
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"seeds {seeds[0]}–{seeds[-1]}"
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
+def dataset_notes(df: pd.DataFrame, protocols: str | Sequence[str] | None = None) -> list[str]:
+    """One ``"Data: …"`` line per distinct ``data_note`` of the rows of ``protocols`` (all
+    protocols by default), in order of first appearance; a note that does not hold for every
+    row names the protocols it holds for (``"some entries of"`` where it holds for only part
+    of a protocol's rows). Empty when no row has a note."""
+    data, names = _rows(df, protocols)
+    lines = []
+    notes = [n for n in dict.fromkeys(data["data_note"]) if n.strip()]
+    for note in notes:
+        has = data["data_note"] == note
+        if has.all():
+            lines.append(f"Data: {_sentence(note)}")
+            continue
+        where = []
+        for p in names:
+            of_p = has[data["protocol"] == p]
+            if of_p.all():
+                where.append(p)
+            elif of_p.any():
+                where.append(f"some entries of {p}")
+        lines.append(f"Data ({', '.join(where)}): {_sentence(note)}")
+    return lines
+
+
+def dataset_note(df: pd.DataFrame, protocols: str | Sequence[str] | None = None) -> str:
+    """:func:`dataset_notes` joined into one line (``""`` when no row has a data note)."""
+    return " ".join(dataset_notes(df, protocols))
+
+
+def imported_notes(df: pd.DataFrame, protocols: str | Sequence[str] | None = None) -> list[str]:
+    """One line per imported episode file the rows of ``protocols`` ran on: the file, its
+    sha256 and the protocols and seeds it gave tasks for."""
+    data, names = _rows(df, protocols)
+    sub = data[data["task_source"].map(is_imported)]
+    lines = []
+    for source, g in sub.groupby("task_source", sort=False):
+        _, file, sha = parse_task_source(source)
+        where = "; ".join(
+            f"{p} {_seeds(g.loc[g['protocol'] == p, 'seed'])}"
+            for p in names
+            if (g["protocol"] == p).any()
+        )
+        digest = f" (sha256 {sha[:12]}…)" if sha else ""
+        lines.append(
+            f"Imported episodes: {file}{digest} gave the tasks of {where}; entries on them are "
+            "marked imported."
+        )
+    return lines
+
+
+def task_set_notes(df: pd.DataFrame, protocols: str | Sequence[str] | None = None) -> list[str]:
+    """One line per protocol whose rows ran on several task sets (manifests changed between
+    runs: protocol file edited, episodes imported, other data): each set's label, its manifest
+    hashes per seed and what made it, saying that those entries are never pooled or paired."""
+    data, names = _rows(df, protocols)
+    sets = task_sets(data)
+    lines = []
+    for p in names:
+        of_p = sets[sets["protocol"] == p]
+        if of_p.empty:
+            continue
+        differs = {c: of_p[c].nunique() > 1 for c in TASK_ORIGIN}
+        parts = []
+        for label, g in of_p.groupby("task_set", sort=True):
+            manifests = ", ".join(
+                f"{short_hash(m)} (seed {int(s)})"
+                for s, m in zip(g["seed"], g["manifest_hash"], strict=True)
+            )
+            what = [source_text(g["task_source"].iloc[0], sha=True) or "source not recorded"]
+            if differs["protocol_hash"]:
+                what.append(f"protocol hash {short_hash(g['protocol_hash'].iloc[0])}")
+            if differs["data_fingerprint"]:
+                what.append(f"data {short_hash(g['data_fingerprint'].iloc[0])}")
+                note = g["data_note"].iloc[0]
+                if note:
+                    what.append(note.rstrip("."))
+            if g["first_used"].iloc[0]:
+                what.append(f"first run {g['first_used'].iloc[0]}")
+            plural = "s" if len(g) > 1 else ""
+            parts.append(f"tasks {label} = manifest{plural} {manifests}: {', '.join(what)}")
+        lines.append(
+            f"{p} ran on {len(parts)} different task sets (its tasks changed between runs); "
+            "entries on different task sets are listed separately, never pooled and never "
+            "paired: " + "; ".join(parts) + "."
+        )
+    return lines
+
+
+def provenance_notes(df: pd.DataFrame, protocols: str | Sequence[str] | None = None) -> list[str]:
+    """:func:`imported_notes` and :func:`task_set_notes` of the rows of ``protocols``."""
+    return imported_notes(df, protocols) + task_set_notes(df, protocols)

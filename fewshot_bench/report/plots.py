@@ -6,7 +6,6 @@ works headless and does not touch the global backend.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib
@@ -16,84 +15,60 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from fewshot_bench.report.entries import (
+    PAGE_KEY,
+    entry_labels,
+    families,
+    is_imported,
+    protocol_family,
+    with_page_sets,
+)
 from fewshot_bench.report.stats import ReportError, aggregate, prepare
 
-_SEP = re.compile(r"[-_.]")
-# Trailing name parts that only say how many labels / shots / ways: "250", "5way", "1shot",
-# "5w1s", "n10", "40labels", "4000l", "10lpc".
-_COUNT_PART = re.compile(
-    r"^(?:[nk]?\d+(?:way|ways|shot|shots|w|s|l|lpc|label|labels|x|pc)?|\d+w\d+s)$", re.IGNORECASE
-)
-
-
-def protocol_family(protocol: str) -> str:
-    """The protocol name without trailing count parts: ``"cifar10-250"`` → ``"cifar10"``,
-    ``"miniimagenet-5way-1shot"`` → ``"miniimagenet"``, ``"imagenet-lowshot-n5"`` →
-    ``"imagenet-lowshot"``. A ``family`` column in the results, when present, takes precedence."""
-    parts = _SEP.split(protocol)
-    seps = _SEP.findall(protocol)
-    keep = len(parts)
-    while keep > 1 and _COUNT_PART.match(parts[keep - 1]):
-        keep -= 1
-    out = parts[0]
-    for sep, part in zip(seps[: keep - 1], parts[1:keep], strict=True):
-        out += sep + part
-    return out
-
-
-def families(df: pd.DataFrame) -> pd.Series:
-    """Family of every row: the ``family`` column when present and non-empty, else the heuristic."""
-    guessed = df["protocol"].astype(str).map(protocol_family)
-    if "family" in df.columns:
-        given = df["family"].fillna("").astype(str)
-        return given.where(given != "", guessed)
-    return guessed
-
-
-def _entry_names(df: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """(method, config_hash) → the leaderboards' entry label (non-default parameters, backbone
-    file name where a method has several entries)."""
-    from fewshot_bench.report.family import _backbone_labels  # noqa: PLC0415 (import cycle)
-    from fewshot_bench.report.tables import changed_params  # noqa: PLC0415
-
-    cols = ["method", "config_hash"] + [c for c in ("backbone", "config") if c in df.columns]
-    entries = df[cols].drop_duplicates(["method", "config_hash"]).reset_index(drop=True)
-    if "backbone" not in entries:
-        entries["backbone"] = ""
-    entries["backbone"] = entries["backbone"].fillna("").astype(str)
-    configs = entries["config"] if "config" in entries else [None] * len(entries)
-    entries["params"] = [changed_params(c) for c in configs]
-    labels = _backbone_labels(entries)
-    keys = zip(entries["method"], entries["config_hash"], strict=True)
-    return dict(zip(keys, labels, strict=True))
+__all__ = ["axis_label", "curve_table", "families", "plot_accuracy_curve", "protocol_family"]
 
 
 def curve_table(df: pd.DataFrame, x: str = "x_value") -> pd.DataFrame:
     """The points behind :func:`plot_accuracy_curve`: one row per series and x value, with
-    ``accuracy`` and ``ci95`` in percent and the CI unit (``ci_over``)."""
+    ``accuracy`` and ``ci95`` in percent and the CI unit (``ci_over``).
+
+    A series is one entry across protocols (method, config, code, backbone, and task set where
+    it ran on several of a protocol; :data:`~fewshot_bench.report.entries.PAGE_KEY`), named as
+    on the pages; ``" (imported)"`` is added to
+    a series any of whose points ran on imported episodes."""
     df = prepare(df)
     if x not in df.columns:
         raise ReportError(f"results have no {x!r} column to plot against")
     df = df.assign(_x=pd.to_numeric(df[x], errors="coerce")).dropna(subset=["_x"])
     if df.empty:
         raise ReportError(f"no result row has a value in {x!r}; nothing to plot")
-    keys = sorted(
-        {(m, c, s) for m, c, s in df[["method", "config_hash", "setting"]].itertuples(index=False)}
+    df = with_page_sets(df)
+    entries = df.drop_duplicates(PAGE_KEY)
+    names = dict(
+        zip(
+            entries[PAGE_KEY].itertuples(index=False, name=None),
+            entry_labels(entries.assign(task_set=entries["page_set"])),
+            strict=True,
+        )
     )
-    names = _entry_names(df)  # unique per (method, config): parameters, backbone or hash
-    settings = {s for _, _, s in keys}
-    labels = {
-        (m, c, s): names[(m, c)] + (f" ({s})" if len(settings) > 1 and s else "")
-        for m, c, s in keys
+    imported = {
+        k for k, g in df.groupby(PAGE_KEY, sort=False) if g["task_source"].map(is_imported).any()
     }
+    settings = set(df["setting"])
     rows = []
-    for (m, c, s, xv), g in df.groupby(["method", "config_hash", "setting", "_x"], sort=True):
+    for key, g in df.groupby([*PAGE_KEY, "setting", "_x"], sort=True):
+        entry, s, xv = tuple(key[: len(PAGE_KEY)]), key[-2], key[-1]
+        label = names[entry] + (" (imported)" if entry in imported else "")
+        label += f" ({s})" if len(settings) > 1 and s else ""
         agg = aggregate(g, "accuracy")
         rows.append(
             {
-                "series": labels[(m, c, s)],
-                "method": m,
-                "config_hash": c,
+                "series": label,
+                "method": entry[0],
+                "config_hash": entry[1],
+                "code_fingerprint": entry[2],
+                "backbone": entry[3],
+                "page_set": entry[4],
                 "setting": s,
                 "x": float(xv),
                 "accuracy": agg.ci.mean * 100,

@@ -11,6 +11,11 @@ Conventions (the ones few-shot and semi-supervised papers use):
   1.96 normal interval for the usual hundreds of episodes, Student-t when fewer than 30). Pooling
   treats episodes of different seeds as exchangeable, which they are: a seed only picks which
   episodes are drawn. Seed-to-seed spread of a *trained* method is not separated out.
+  Rows of different task sets (manifests) or code are never pooled: they are different entries
+  (:mod:`fewshot_bench.report.entries`).
+* Paired comparisons pair a task only with the very same task: same protocol, manifest hash,
+  seed and task index (:data:`PAIR_KEY`); task *i* of one task set is never paired with task *i*
+  of another.
 * ``n = 1``: mean only; ``half_width`` and ``sd`` are NaN and ``method`` is ``"none"``.
 """
 
@@ -27,23 +32,59 @@ import pandas as pd
 from scipy import stats as _st
 
 from fewshot_bench.errors import FsbenchError
+from fewshot_bench.report.entries import assign_task_sets, short_hash
 
 CIMethod = Literal["auto", "normal", "t"]
 
-#: Columns every results frame must have; the others get defaults (see :func:`prepare`).
-REQUIRED_COLUMNS = ("protocol", "method", "config_hash", "seed", "task_index", "accuracy")
-#: Optional columns and their defaults when absent.
+#: Columns every results frame must have; the others get defaults (see :func:`prepare`). The
+#: manifest hash is required: without it rows of different task sets could be pooled or paired.
+REQUIRED_COLUMNS = (
+    "protocol",
+    "manifest_hash",
+    "method",
+    "config_hash",
+    "seed",
+    "task_index",
+    "accuracy",
+)
+#: Optional columns and their defaults when absent (the store always has them).
 OPTIONAL_COLUMNS: dict[str, object] = {
+    "family": "",
+    "protocol_hash": "",
+    "task_source": "",
+    "data_fingerprint": "",
+    "data_note": "",
+    "code_fingerprint": "",
+    "params": "",
+    "config": "",
     "setting": "",
+    "backbone": "",
+    "backbone_hash": "",
+    "budget": np.nan,
     "top5": np.nan,
     "seconds": np.nan,
     "device": "",
+    "hardware": "",
     "x_value": np.nan,
     "x_label": "",
+    "package_version": "",
+    "git_commit": "",
     "timestamp": "",
 }
-#: One task of one configuration: the key that makes a row unique in the store.
-TASK_KEY = ["protocol", "method", "config_hash", "seed", "task_index"]
+_NUMERIC = ("accuracy", "top5", "seconds", "x_value", "budget")
+#: One task of one entry: the results store's primary key.
+TASK_KEY = [
+    "protocol",
+    "manifest_hash",
+    "method",
+    "config_hash",
+    "code_fingerprint",
+    "backbone",
+    "seed",
+    "task_index",
+]
+#: Tasks are paired only when all of these match: same task set, same seed, same task.
+PAIR_KEY = ["protocol", "manifest_hash", "seed", "task_index"]
 Z_95 = 1.96
 T_THRESHOLD = 30
 
@@ -137,10 +178,13 @@ def aggregate(group: pd.DataFrame, column: str = "accuracy") -> Aggregate:
 
 
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
-    """Validate a results frame, fill optional columns, coerce types and drop duplicate tasks.
+    """Validate a results frame, fill optional columns, coerce types, drop duplicate tasks and
+    add the ``task_set`` column (:func:`~fewshot_bench.report.entries.assign_task_sets`).
 
-    The store is append-only, so a task re-run for the same configuration can appear twice; the
-    latest row (by ``timestamp``, then by position) is kept and a warning says how many were dropped.
+    The store's primary key (:data:`TASK_KEY`) makes a task row unique, but frames concatenated
+    from several stores may repeat one; the latest row (by ``timestamp``, then by position) is
+    kept and a warning says how many were dropped. A frame that already has ``task_set`` keeps it,
+    so a subset of a prepared frame keeps the labels of the whole.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -151,9 +195,11 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     for col, default in OPTIONAL_COLUMNS.items():
         if col not in out.columns:
             out[col] = default
-    for col in ("accuracy", "top5", "seconds", "x_value"):
+    for col in _NUMERIC:
         out[col] = pd.to_numeric(out[col], errors="coerce").astype(float)
-    for col in ("protocol", "method", "config_hash", "setting", "device", "x_label", "timestamp"):
+    for col in ("protocol", "manifest_hash", "method", "config_hash") + tuple(
+        c for c, d in OPTIONAL_COLUMNS.items() if isinstance(d, str)
+    ):
         out[col] = out[col].fillna("").astype(str)
     out["seed"] = out["seed"].astype(int)
     out["task_index"] = out["task_index"].astype(int)
@@ -170,7 +216,11 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
             stacklevel=3,
         )
         out = out[~dup]
-    return out.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    out = out.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    if "task_set" not in out.columns:
+        out["task_set"] = assign_task_sets(out)
+    out["task_set"] = out["task_set"].fillna("").astype(str)
+    return out
 
 
 @dataclass(frozen=True)
@@ -201,31 +251,62 @@ def format_p(p: float) -> str:
     return f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
 
 
-def _pick(df: pd.DataFrame, method: str, config: str | None, protocol: str | None) -> pd.DataFrame:
+def _pick(
+    df: pd.DataFrame,
+    method: str,
+    config: str | None,
+    code: str | None,
+    protocol: str | None,
+) -> pd.DataFrame:
     sub = df[df["method"] == method]
     if protocol is not None:
         sub = sub[sub["protocol"] == protocol]
     if config is not None:
-        sub = sub[sub["config_hash"] == config]
+        sub = sub[sub["config_hash"].str.startswith(config)]
+    if code is not None:
+        sub = sub[sub["code_fingerprint"].str.startswith(code)]
     if sub.empty:
         where = f" on protocol {protocol!r}" if protocol else ""
         cfg = f" with config {config!r}" if config else ""
+        cfg += f" and code {code!r}" if code else ""
         raise ReportError(f"no results for method {method!r}{cfg}{where}")
-    clash = sub.groupby(["protocol", "seed", "task_index"])["config_hash"].nunique()
+    entry = sub["config_hash"] + " code " + sub["code_fingerprint"].map(short_hash)
+    entry += " on " + sub["backbone"]
+    clash = entry.groupby([sub[c] for c in PAIR_KEY]).nunique()
     if (clash > 1).any():
-        configs = sorted(sub["config_hash"].unique())
         raise ReportError(
-            f"method {method!r} has several configurations on the same tasks ({configs}); "
-            "pass config_a/config_b to choose one"
+            f"method {method!r} has several entries on the same tasks ({sorted(set(entry))}): "
+            "several configurations, code versions or backbones; pass config_a/config_b or "
+            "code_a/code_b to choose one"
         )
     return sub
 
 
 def paired_differences(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
-    """Accuracy of ``a`` minus ``b`` on tasks both hold (joined on protocol, seed, task_index)."""
-    key = ["protocol", "seed", "task_index"]
-    joined = a[[*key, "accuracy"]].merge(b[[*key, "accuracy"]], on=key, suffixes=("_a", "_b"))
+    """Accuracy of ``a`` minus ``b`` on the tasks both hold: joined on :data:`PAIR_KEY`
+    (protocol, manifest hash, seed, task index), so only the very same tasks are paired."""
+    cols = [*PAIR_KEY, "accuracy"]
+    try:
+        joined = a[cols].merge(b[cols], on=PAIR_KEY, suffixes=("_a", "_b"), validate="1:1")
+    except pd.errors.MergeError as exc:
+        raise ReportError(
+            f"a task appears twice on one side of a paired comparison ({exc})"
+        ) from None
     return (joined["accuracy_a"] - joined["accuracy_b"]).to_numpy(dtype=float)
+
+
+def _task_sets_text(rows: pd.DataFrame) -> str:
+    return ", ".join(sorted({short_hash(m) for m in rows["manifest_hash"]}))
+
+
+def shares_positions_only(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether ``a`` and ``b`` share no task but do share (protocol, seed, task index)
+    positions, i.e. they ran different task sets (manifests) of a protocol."""
+    pos = ["protocol", "seed", "task_index"]
+    return (
+        paired_differences(a, b).size == 0
+        and not a[pos].merge(b[pos].drop_duplicates(), on=pos).empty
+    )
 
 
 def _paired_from_diffs(name_a: str, name_b: str, d: np.ndarray) -> PairedResult:
@@ -252,20 +333,34 @@ def paired_test(
     protocol: str | None = None,
     config_a: str | None = None,
     config_b: str | None = None,
+    code_a: str | None = None,
+    code_b: str | None = None,
 ) -> PairedResult:
     """Paired comparison of two methods on the tasks both ran (A − B accuracy).
 
-    Tasks are matched on (protocol, seed, task_index); ``protocol`` restricts to one protocol
-    (otherwise shared tasks of all protocols are pooled). Returns the mean difference, its 95%
-    Student-t CI, the paired t-test and Wilcoxon signed-rank p-values and the number of pairs.
+    Tasks are matched on (protocol, manifest hash, seed, task index) (:data:`PAIR_KEY`);
+    ``protocol`` restricts to one protocol (otherwise shared tasks of all protocols are pooled).
+    ``config_*`` and ``code_*`` choose among a method's entries (a config hash or code
+    fingerprint, or a prefix of one). Returns the mean difference, its 95% Student-t CI, the
+    paired t-test and Wilcoxon signed-rank p-values and the number of pairs. Raises
+    :class:`ReportError` when the two share no task, saying so when they ran different task
+    sets of the same protocol.
     """
     df = prepare(df)
-    a = _pick(df, method_a, config_a, protocol)
-    b = _pick(df, method_b, config_b, protocol)
+    a = _pick(df, method_a, config_a, code_a, protocol)
+    b = _pick(df, method_b, config_b, code_b, protocol)
     d = paired_differences(a, b)
     if d.size == 0:
+        if shares_positions_only(a, b):
+            raise ReportError(
+                f"methods {method_a!r} and {method_b!r} share no task set: they ran different "
+                f"manifests ({method_a}: {_task_sets_text(a)}; {method_b}: "
+                f"{_task_sets_text(b)}), so task i of one is not task i of the other; nothing is "
+                "paired. Run both on the same task set to compare them"
+            )
         raise ReportError(
-            f"methods {method_a!r} and {method_b!r} share no tasks (matched on protocol, seed, "
-            "task_index); run both on the same protocol and seeds to compare them"
+            f"methods {method_a!r} and {method_b!r} share no tasks (matched on protocol, "
+            "manifest hash, seed and task index); run both on the same protocol and seeds to "
+            "compare them"
         )
     return _paired_from_diffs(method_a, method_b, d)

@@ -7,7 +7,6 @@ Tables are plain DataFrames with numeric columns (accuracy in percent); the rend
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,14 @@ from pathlib import Path
 import pandas as pd
 
 from fewshot_bench.atomic import write_text_atomic
-from fewshot_bench.report.plots import families
+from fewshot_bench.report.entries import (
+    ENTRY_KEY,
+    entry_labels,
+    families,
+    format_params,
+    short_hash,
+    tasks_text,
+)
 from fewshot_bench.report.stats import (
     ReportError,
     _paired_from_diffs,
@@ -23,18 +29,22 @@ from fewshot_bench.report.stats import (
     format_p,
     paired_differences,
     prepare,
+    shares_positions_only,
 )
 
 Reported = Mapping[str, "tuple[float, str] | float"]
 
-#: Columns of :func:`summarise` (accuracy, CI, top-5 and reported values in percent).
+#: Columns of :func:`summarise` (accuracy, CI, top-5 and reported values in percent). One row
+#: per entry: (protocol, method, config_hash, code_fingerprint, backbone, task_set).
 SUMMARY_COLUMNS = [
     "protocol",
     "method",
     "config_hash",
+    "code_fingerprint",
     "setting",
     "backbone",
     "params",
+    "tasks",
     "n_tasks",
     "n_seeds",
     "accuracy",
@@ -42,61 +52,64 @@ SUMMARY_COLUMNS = [
     "ci_over",
     "top5",
     "top5_ci95",
+    "budget",
     "seconds",
     "device",
+    "task_set",
+    "task_source",
+    "manifests",
+    "data_fingerprint",
 ]
-
-
-def changed_params(config: str | None) -> str:
-    """The parameters of a stored run ``config`` (JSON) that differ from its method's registered
-    defaults, as ``"k=v, k2=v2"`` (file paths shortened to the file name); ``""`` when none
-    differ, the config is missing or the method is not registered here."""
-    if not isinstance(config, str) or not config:
-        return ""
-    from fewshot_bench.errors import FsbenchError
-    from fewshot_bench.methods import get_method
-
-    try:
-        doc = json.loads(config)
-        defaults = get_method(doc["method"]).defaults
-    except (ValueError, KeyError, TypeError, FsbenchError):
-        return ""
-    parts = []
-    for key, value in sorted(doc.get("params", {}).items()):
-        if key in defaults and defaults[key] == value:
-            continue
-        if isinstance(value, str) and ("/" in value or "\\" in value):
-            value = Path(value).name
-        parts.append(f"{key}={value}")
-    return ", ".join(parts)
+#: Provenance columns kept in CSV but not shown in Markdown / LaTeX tables.
+HIDDEN_COLUMNS = {"task_set", "task_source", "manifests", "data_fingerprint"}
 
 
 def _join_unique(values: pd.Series) -> str:
     return ", ".join(sorted({v for v in values.astype(str) if v}))
 
 
+def _manifests(g: pd.DataFrame) -> str:
+    """``"seed:manifest_hash"`` per seed of one entry's rows; refuses two manifests for a seed."""
+    per_seed = g.groupby("seed")["manifest_hash"].unique()
+    bad = {int(s): sorted(m) for s, m in per_seed.items() if len(m) > 1}
+    if bad:  # cannot happen with task sets assigned by prepare(); never pool if it does
+        raise ReportError(
+            f"entry {g['method'].iloc[0]!r} on {g['protocol'].iloc[0]!r} holds two manifests for "
+            f"one seed ({bad}); rows of different task sets are never pooled"
+        )
+    return " ".join(f"{int(s)}:{m[0]}" for s, m in per_seed.items())
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (protocol, method, config_hash): setting, counts, mean accuracy ± 95% CI (%),
-    top-5 (%, NaN when never recorded), mean seconds per task and the device(s) used.
+    """One row per entry — (protocol, method, config_hash, code_fingerprint, backbone, task set),
+    see :mod:`fewshot_bench.report.entries` — with its setting, non-default parameters as run
+    (``params``), what it ran on (``tasks``: sampled or imported, and the task set where the
+    protocol has several), counts, mean accuracy ± 95% CI (%), top-5 (%, NaN when never
+    recorded), training budget, mean seconds per task and the device(s) used; provenance for
+    CSV: ``task_set``, ``task_source``, ``manifests`` (``seed:hash`` per seed) and
+    ``data_fingerprint``.
 
     Rows are ordered by protocol family, then ``x_value`` (label count, shots; numerically), then
     protocol, then accuracy (best first), so a sweep reads in budget order.
     """
     df = prepare(df)
     rows = []
-    for (protocol, method, config), g in df.groupby(
-        ["protocol", "method", "config_hash"], sort=True
-    ):
+    for key, g in df.groupby(ENTRY_KEY, sort=True):
+        protocol, method, config, code, backbone, task_set = key
         acc = aggregate(g, "accuracy")
         top5 = aggregate(g, "top5")
+        source = _join_unique(g["task_source"])
+        budget = g["budget"].dropna()
         rows.append(
             {
                 "protocol": protocol,
                 "method": method,
                 "config_hash": config,
+                "code_fingerprint": code,
                 "setting": _join_unique(g["setting"]),
-                "backbone": _join_unique(g["backbone"]) if "backbone" in g else "",
-                "params": changed_params(g["config"].iloc[0]) if "config" in g else "",
+                "backbone": backbone,
+                "params": format_params(g["params"].iloc[0]),
+                "tasks": tasks_text(source, task_set),
                 "n_tasks": len(g),
                 "n_seeds": int(g["seed"].nunique()),
                 "accuracy": acc.ci.mean * 100,
@@ -104,8 +117,13 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
                 "ci_over": acc.describe(),
                 "top5": top5.ci.mean * 100,
                 "top5_ci95": top5.ci.half_width * 100,
+                "budget": float(budget.iloc[0]) if len(budget) else math.nan,
                 "seconds": float(g["seconds"].mean()) if g["seconds"].notna().any() else math.nan,
                 "device": _join_unique(g["device"]),
+                "task_set": task_set,
+                "task_source": source,
+                "manifests": _manifests(g),
+                "data_fingerprint": _join_unique(g["data_fingerprint"]),
             }
         )
     out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -131,6 +149,9 @@ def _report_order(table: pd.DataFrame, data: pd.DataFrame) -> list[int]:
             0.0 if math.isnan(acc) else -acc,
             row["method"],
             row["config_hash"],
+            row["code_fingerprint"],
+            row["backbone"],
+            row["task_set"],
         )
 
     return sorted(range(len(table)), key=key)
@@ -142,6 +163,7 @@ _BOARD_ORDER = [
     "method",
     "setting",
     "backbone",
+    "tasks",
     "accuracy",
     "ci95",
     "reported",
@@ -152,49 +174,38 @@ _BOARD_ORDER = [
     "ci_over",
     "n_tasks",
     "n_seeds",
+    "budget",
     "seconds",
     "device",
     "config_hash",
+    "code_fingerprint",
+    "task_set",
+    "task_source",
+    "manifests",
+    "data_fingerprint",
 ]
 
 
-def entry_name(method: str, params: str) -> str:
-    """``method`` with its non-default parameters: ``"finetune (init=conv4.pt)"``."""
-    return f"{method} ({params})" if params else method
-
-
-def _entry_labels(table: pd.DataFrame) -> list[str]:
-    """Method names with their non-default parameters, plus a short config hash where that
-    still leaves one name for several configurations."""
-    params = table["params"] if "params" in table else pd.Series("", index=table.index)
-    names = [entry_name(m, p) for m, p in zip(table["method"], params, strict=True)]
-    counts = (
-        pd.DataFrame({"name": names, "c": table["config_hash"].to_numpy()})
-        .groupby("name")["c"]
-        .transform("nunique")
-    )
-    return [
-        f"{n} [{c[:8]}]" if k > 1 else n
-        for n, c, k in zip(names, table["config_hash"], counts, strict=True)
-    ]
-
-
 def leaderboard(df: pd.DataFrame, protocol: str, reported: Reported | None = None) -> pd.DataFrame:
-    """The protocol's configurations ranked by mean accuracy, the setting on every row.
+    """The protocol's entries ranked by mean accuracy, the setting on every row.
 
-    ``reported`` maps a method name to the paper's number in percent, optionally with its source,
-    e.g. ``{"mean_teacher": (45.49, "Liu et al. 2018, Table 2")}``; it adds ``reported``,
-    ``source`` and ``delta_reported`` (ours − reported, percentage points) columns. Reported
-    methods that were not run are not listed.
+    ``entry`` labels come from :func:`~fewshot_bench.report.entries.entry_labels`; ``tasks`` says
+    whether an entry's tasks were sampled or imported (and which task set, where the protocol
+    ran on several: those entries are never pooled). ``reported`` maps a method name to the
+    paper's number in percent, optionally with its source, e.g.
+    ``{"mean_teacher": (45.49, "Liu et al. 2018, Table 2")}``; it adds ``reported``, ``source``
+    and ``delta_reported`` (ours − reported, percentage points) columns. Reported methods that
+    were not run are not listed.
     """
     table = summarise(df)
     table = table[table["protocol"] == protocol].drop(columns="protocol")
     if table.empty:
         known = sorted(prepare(df)["protocol"].unique())
         raise ReportError(f"no results for protocol {protocol!r}; protocols with results: {known}")
-    table = table.sort_values(["accuracy", "method", "config_hash"], ascending=[False, True, True])
+    ties = ["method", "config_hash", "code_fingerprint", "backbone", "task_set"]
+    table = table.sort_values(["accuracy", *ties], ascending=[False] + [True] * len(ties))
     table.insert(0, "rank", table["accuracy"].rank(method="min", ascending=False).astype(int))
-    table.insert(1, "entry", _entry_labels(table))
+    table.insert(1, "entry", entry_labels(table))
     if reported is not None:
         values, sources = [], []
         for m in table["method"]:
@@ -215,28 +226,46 @@ def leaderboard(df: pd.DataFrame, protocol: str, reported: Reported | None = Non
     return table[order].reset_index(drop=True)
 
 
-def comparison_table(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """Every ordered pair of the protocol's configurations on their shared tasks (row − column).
+#: ``note`` of :func:`comparison_table` for two entries that ran different task sets.
+DIFFERENT_TASK_SETS = "different task sets"
+NO_SHARED_TASKS = "no shared tasks"
 
-    Columns: ``a``, ``b`` (entry labels as in :func:`leaderboard`), ``n_shared``, ``mean_diff``
-    and ``ci95`` (percentage points), ``p_t`` (paired t-test), ``p_wilcoxon``. Pairs without
-    shared tasks have ``n_shared = 0`` and NaN statistics.
+
+def comparison_table(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """Every ordered pair of the protocol's entries on their shared tasks (row − column).
+
+    Tasks are paired only when they are the very same task: same manifest hash, seed and task
+    index (task *i* of one task set is never paired with task *i* of another). Columns: ``a``,
+    ``b`` (entry labels as in :func:`leaderboard`), ``n_shared``, ``mean_diff`` and ``ci95``
+    (percentage points), ``p_t`` (paired t-test), ``p_wilcoxon``, ``note``. Pairs without
+    shared tasks have ``n_shared = 0``, NaN statistics and ``note`` = ``"different task sets"``
+    (they ran different manifests of the protocol) or ``"no shared tasks"``.
     """
     df = prepare(df)
     df = df[df["protocol"] == protocol]
     if df.empty:
         raise ReportError(f"no results for protocol {protocol!r}")
     board = leaderboard(df, protocol)
-    entries = list(zip(board["entry"], board["method"], board["config_hash"], strict=True))
-    frames = {label: df[(df["method"] == m) & (df["config_hash"] == c)] for label, m, c in entries}
+    keys = ["method", "config_hash", "code_fingerprint", "backbone", "task_set"]
+    labels = list(board["entry"])
+    groups = dict(iter(df.groupby(keys, sort=False)))
+    frames = {
+        label: groups[tuple(key)]
+        for label, key in zip(labels, board[keys].itertuples(index=False), strict=True)
+    }
     rows = []
-    for la, _, _ in entries:
-        for lb, _, _ in entries:
+    for la in labels:
+        for lb in labels:
             if la == lb:
                 continue
             d = paired_differences(frames[la], frames[lb])
             if d.size == 0:
-                rows.append((la, lb, 0, math.nan, math.nan, math.nan, math.nan))
+                note = (
+                    DIFFERENT_TASK_SETS
+                    if shares_positions_only(frames[la], frames[lb])
+                    else NO_SHARED_TASKS
+                )
+                rows.append((la, lb, 0, math.nan, math.nan, math.nan, math.nan, note))
                 continue
             r = _paired_from_diffs(la, lb, d)
             rows.append(
@@ -248,31 +277,29 @@ def comparison_table(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
                     r.ci.half_width * 100,
                     r.t_pvalue,
                     r.wilcoxon_pvalue,
+                    "",
                 )
             )
     return pd.DataFrame(
-        rows, columns=["a", "b", "n_shared", "mean_diff", "ci95", "p_t", "p_wilcoxon"]
+        rows, columns=["a", "b", "n_shared", "mean_diff", "ci95", "p_t", "p_wilcoxon", "note"]
     )
 
 
 def comparison_matrix(df: pd.DataFrame, protocol: str, *, test: str = "t") -> pd.DataFrame:
     """Square table (rows and columns in leaderboard order): cell = row − column accuracy in
     percentage points with the paired p-value (``test`` = "t" or "wilcoxon"), e.g.
-    ``"+1.23 (p=0.004)"``; "—" on the diagonal, "no shared tasks" where none are shared."""
+    ``"+1.23 (p=0.004)"``; "—" on the diagonal, "different task sets" where the two ran
+    different manifests (never paired), "no shared tasks" where they share none otherwise."""
     if test not in ("t", "wilcoxon"):
         raise ValueError(f"test must be 't' or 'wilcoxon', not {test!r}")
     pairs = comparison_table(df, protocol)
     labels = list(leaderboard(df, protocol)["entry"])
     pcol = "p_t" if test == "t" else "p_wilcoxon"
-    cells = {
-        (a, b): (n, d, p)
-        for a, b, n, d, p in pairs[["a", "b", "n_shared", "mean_diff", pcol]].itertuples(
-            index=False
-        )
-    }
     out = pd.DataFrame("—", index=labels, columns=labels, dtype=object)
-    for (a, b), (n, d, p) in cells.items():
-        out.loc[a, b] = "no shared tasks" if n == 0 else f"{d:+.2f} ({_p_eq(p)})"
+    for a, b, n, d, p, note in pairs[["a", "b", "n_shared", "mean_diff", pcol, "note"]].itertuples(
+        index=False
+    ):
+        out.loc[a, b] = note if n == 0 else f"{d:+.2f} ({_p_eq(p)})"
     out.index.name = "row − column"
     return out
 
@@ -302,6 +329,11 @@ _HEADERS = {
     "ci_over": "95% CI over",
     "seconds": "s / task",
     "device": "Device",
+    "code_fingerprint": "Code",
+    "tasks": "Task set",
+    "budget": "Budget",
+    "params": "Parameters",
+    "note": "Note",
     "a": "A",
     "b": "B",
     "n_shared": "Shared tasks",
@@ -317,6 +349,7 @@ _NUMERIC_RIGHT = {
     "delta_reported",
     "n_tasks",
     "n_seeds",
+    "budget",
     "seconds",
     "n_shared",
     "mean_diff",
@@ -356,7 +389,21 @@ def format_table(table: pd.DataFrame, digits: int = 2) -> tuple[pd.DataFrame, li
             continue  # merged into its mean
         if has_entry and col == "method":
             continue
-        if col == "config_hash":
+        if col in HIDDEN_COLUMNS:
+            continue
+        if col == "code_fingerprint":
+            if s.nunique() < 2:
+                continue  # shown only where entries of one config ran different code
+            shown = s.astype(str).map(short_hash)
+        elif col == "tasks":
+            if s.isin(["", "sampled"]).all():
+                continue  # shown where some entry ran imported episodes or another task set
+            shown = s.astype(str)
+        elif col == "budget":
+            if s.isna().all():
+                continue
+            shown = s.map(lambda v: "" if v is None or math.isnan(v) else f"{v:.0f}")
+        elif col == "config_hash":
             shown = s.astype(str).str.slice(0, 8)
         elif col == "accuracy" and "ci95" in t.columns:
             shown = pd.Series(
@@ -382,7 +429,7 @@ def format_table(table: pd.DataFrame, digits: int = 2) -> tuple[pd.DataFrame, li
             shown = s.map(lambda v, d=d, c=col: _fmt_num(v, d, sign=c == "delta_reported"))
         elif col in ("p_t", "p_wilcoxon"):
             shown = s.map(lambda v: "" if v is None or math.isnan(v) else format_p(v))
-        elif col == "source" and (s.astype(str) == "").all():
+        elif col in ("source", "note") and (s.astype(str) == "").all():
             continue
         elif pd.api.types.is_float_dtype(s):
             shown = s.map(lambda v: _fmt_num(v, digits))
