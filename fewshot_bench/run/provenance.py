@@ -22,6 +22,8 @@ from pathlib import Path
 
 import fewshot_bench
 
+#: Modules not followed: they only import every built-in method so that it registers.
+NOT_FOLLOWED = frozenset({"fewshot_bench.methods.builtin"})
 #: Modules whose code decides what a method sees and how its scores are judged.
 HARNESS_MODULES = (
     "fewshot_bench.methods.base",
@@ -86,7 +88,7 @@ def source_closure(module: str, extra_roots: tuple[str, ...] = ("fewshot_bench",
             continue
         seen[name] = path
         for dep in _imports(path, name):
-            if dep.partition(".")[0] in roots and dep not in seen:
+            if dep.partition(".")[0] in roots and dep not in seen and dep not in NOT_FOLLOWED:
                 todo.append(dep)
     return [seen[n] for n in sorted(seen)]
 
