@@ -97,8 +97,6 @@ def audit_method(
     task_sets = load_task_sets(protocol, pool, Path(workdir), None if seed is None else [seed])
     seed = min(task_sets) if seed is None else seed
     manifest = task_sets[seed]
-    picks = np.unique(np.linspace(0, manifest.n_tasks - 1, min(n_tasks, manifest.n_tasks)).round())
-    picks = [int(i) for i in picks]
     config, run_hash = method_config(info, backbone, budget)
     stored: dict[int, float] = {}
     store_path = Path(workdir) / "results.sqlite"
@@ -117,6 +115,10 @@ def audit_method(
                 ),
             ).fetchall()
         stored = dict(rows)
+    # a sample of the entry's stored tasks (of the whole task set when none is stored yet)
+    candidates = np.array(sorted(stored) or range(manifest.n_tasks))
+    spread = np.linspace(0, len(candidates) - 1, min(n_tasks, len(candidates))).round()
+    picks = [int(candidates[int(k)]) for k in np.unique(spread)]
     tensor = pool_tensor(pool, info["consumes"], backbone, dev, {})
     handle = open_method(
         executor, spec, info, run_hash, protocol, root, backbone, dev, budget, seed, None
