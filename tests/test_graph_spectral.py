@@ -1,12 +1,14 @@
-"""Spectral embedding: two disconnected cliques, solver agreement, out-node extension, voting."""
+"""Spectral embedding: eq. 6 against a dense reference, disconnected cliques, solvers, voting."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
+from sklearn.datasets import load_digits
 
 from fewshot_bench.graph.build import Graph, build_graph
 from fewshot_bench.graph.spectral import extend_to_out_nodes, spectral_embedding, vote
@@ -25,7 +27,12 @@ def test_two_disconnected_cliques() -> None:
     emb = spectral_embedding(_two_cliques(m), n_eig=200)
     assert emb.vectors.shape == (2 * m, 2 * m - 1)  # η clipped to n: j = 2..n
     assert abs(float(emb.eigvals[0]) - 1.0) < 1e-5  # λ_2 = 0: the component contrast
-    # the trivial eigenvector ∝ sqrt(d) has been deflated, so e_2 is the ±contrast
+    # the rest is the K_m spectrum -1/(m-1), 2(m-1) times; the trivial e_1 (λ = 0, not 1) is out
+    torch.testing.assert_close(emb.eigvals[1:], torch.full((2 * m - 2,), -1.0 / (m - 1)))
+    e1 = torch.full((2 * m,), (2 * m) ** -0.5)  # ∝ sqrt(d), all degrees equal
+    assert float((emb.vectors.T @ e1).norm()) < 1e-5
+    assert math.isclose(float(emb.laplacian_eigvals[0]), emb.lambda_floor, rel_tol=1e-6)  # floored
+    # the trivial eigenvector ∝ sqrt(d) is excluded, so e_2 is the ±contrast
     e2 = emb.vectors[:, 0]
     assert (torch.sign(e2[:m]) == torch.sign(e2[0])).all() and (
         torch.sign(e2[m:]) != torch.sign(e2[0])
@@ -76,3 +83,63 @@ def test_vote_by_hand() -> None:
     assert got[0, 2] == -math.inf  # a class without labels
     w = vote(a, labels, t, 2, sigma, weights=torch.tensor([1.0, 0.0, 1.0]))
     torch.testing.assert_close(w[0, 0], torch.tensor(sigma * 1.0))
+
+
+# ---------------------------------------------------------------- eq. 6 against a dense reference
+ETA = 200
+
+
+@pytest.fixture(scope="module")
+def digits_x() -> np.ndarray:
+    return load_digits().data.astype(np.float32)
+
+
+def _reference_eq6(adj: sp.csr_matrix, eta: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(λ_j, e_j)`` for j = 2..min(η, n) by ``numpy.linalg.eigh`` of the dense ``L_sym``, and e_1.
+
+    Independent of the code under test: float64 ``L_sym = I - D^-1/2 A D^-1/2``, all ``n``
+    eigenpairs, the η smallest kept and the one along ``e_1 = D^1/2 1 / ||.||`` dropped.
+    """
+    a = adj.toarray().astype(np.float64)
+    d = a.sum(1)
+    lap = np.eye(len(a)) - a / np.sqrt(np.outer(d, d))
+    lam, vec = np.linalg.eigh(lap)
+    e1 = np.sqrt(d) / np.linalg.norm(np.sqrt(d))
+    trivial = int(np.argmax(np.abs(vec.T @ e1)))
+    assert trivial == 0 and abs(vec[:, 0] @ e1) > 1 - 1e-9  # connected graph: λ_1 = 0 is simple
+    keep = np.arange(1, min(eta, len(a)))
+    return lam[keep], vec[:, keep], e1
+
+
+@pytest.mark.parametrize(
+    ("n", "solver"),
+    [
+        (40, "auto"),  # n < η: dense
+        (40, "chebyshev"),
+        (40, "arpack"),
+        (ETA, "auto"),  # n = η: dense, all n - 1 non-trivial pairs
+        (ETA, "chebyshev"),
+        (400, "auto"),  # η < n: dense, the η - 1 smallest non-trivial pairs only
+        (1797, "auto"),  # n >> η (all of digits): the sparse Chebyshev solver
+    ],
+)
+def test_eq6_metric_matches_dense_reference(digits_x: np.ndarray, n: int, solver: str) -> None:
+    rng = np.random.default_rng(n)
+    x = digits_x if n == len(digits_x) else digits_x[rng.choice(len(digits_x), n, replace=False)]
+    adj = build_graph(x, k=10, index="flat").adjacency
+    lam, vec, e1 = _reference_eq6(adj, ETA)
+    emb = spectral_embedding(adj, ETA, solver=solver, generator=torch.Generator().manual_seed(0))
+    m = min(ETA, n) - 1
+    assert emb.vectors.shape == (n, m)
+    v = emb.vectors.double().numpy()
+    # e_1 is not in the kept subspace (it was, with overlap 1.0, before the fix)
+    assert np.linalg.norm(v.T @ e1) < 1e-4
+    np.testing.assert_allclose(emb.laplacian_eigvals.double().numpy(), lam, atol=1e-5)
+    if n <= ETA:  # all non-trivial pairs: the kept subspace is exactly e_1's complement
+        proj = v @ v.T
+        np.testing.assert_allclose(proj, np.eye(n) - np.outer(e1, e1), atol=1e-5)
+    # W' = Σ_{j=2..min(η,n)} e_j e_jᵀ / λ_j on a few hundred entries (sign/rotation free)
+    rows = rng.choice(n, 20, replace=False)
+    ref = (vec[rows] / lam) @ vec[rows].T
+    e = emb.embedding().double().numpy()[rows]
+    np.testing.assert_allclose(e @ e.T, ref, atol=1e-3 * np.abs(ref).max())

@@ -104,6 +104,12 @@ def to_torch_csr(
 def edge_weights(sims: np.ndarray, weight: str, temperature: float, ref: float) -> np.ndarray:
     """``binary``: 1 per edge (Douze); ``exp``: ``exp((s - ref) / temperature)`` (metric transfer).
 
+    ``temperature`` is a temperature in the usual sense: the score is *divided* by it (smaller =
+    sharper kernel; default 0.1 on cosine scores). This is the kNN-graph kernel of the metric
+    transfer reference code, ``exp(-(1 - cos) / 0.2)``, there with 0.2. It is not the ``σ`` of
+    eq. 5 voting (:func:`fewshot_bench.graph.spectral.vote`), which *multiplies* the cosine
+    (an inverse temperature, σ = 40 for spectral propagation); both follow the paper's meaning.
+
     With ``metric="l2"`` the score is ``-||x-y||²`` so ``exp`` is the Gaussian kernel. ``ref`` is one
     global constant (the largest score), which keeps ``A`` symmetric and cancels in any normalisation.
     """
@@ -122,7 +128,10 @@ def graph_from_neighbors(
     temperature: float = 0.1,
     symmetrize: bool = True,
 ) -> Graph:
-    """Assemble ``A``: core rows ``W0 + W0ᵀ`` (or ``W0`` if not ``symmetrize``), out rows ``W0`` only."""
+    """Assemble ``A``: core rows ``W0 + W0ᵀ`` (or ``W0`` if not ``symmetrize``), out rows ``W0`` only.
+
+    ``W0`` holds :func:`edge_weights` (``temperature`` divides the score; ``weight="exp"`` only).
+    """
     n_core = core.n
     n_out = 0 if out is None else out.n
     n = n_core + n_out

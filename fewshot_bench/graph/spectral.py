@@ -3,13 +3,35 @@
 With ``S = D^-1/2 A D^-1/2`` and ``L_sym = I - S``, the η smallest eigenpairs ``(λ_j, e_j)`` of
 ``L_sym`` are the η largest ``(μ_j = 1 - λ_j)`` of ``S``, which is what we compute. The new
 metric ``W' = Σ_{j=2..η} e_j e_jᵀ / λ_j`` is used through the embedding ``E_j = e_j / sqrt(λ_j)``
-(``W'[u, v] = <E_u, E_v>``). The trivial eigenvector ``e_1 ∝ D^{1/2} 1`` is deflated exactly
-(``S - e_1 e_1ᵀ``), so on a graph with several components the remaining zero-``λ`` directions are
-the component contrasts; ``λ`` is floored at ``lambda_floor`` to keep ``1/λ`` finite.
+(``W'[u, v] = <E_u, E_v>``); on a graph of ``n ≤ η`` nodes it is ``Σ_{j=2..n}``.
 
-Solvers: dense ``eigh`` for small graphs; otherwise Chebyshev-filtered subspace iteration (block
-size η + buffer, polynomial filter damping ``[-1, cut]``, Rayleigh-Ritz), all in torch so it runs
-on CUDA too; ``solver="arpack"`` uses ``scipy.sparse.linalg.eigsh`` for reference.
+The trivial pair ``(λ_1 = 0, e_1 ∝ D^{1/2} 1)`` is *excluded*, not merely deflated to another
+eigenvalue: every solver works on the restriction of ``S`` to the orthogonal complement of
+``e_1``, whose eigenpairs are exactly ``j = 2..n``. (Forming ``S - e_1 e_1ᵀ`` alone is not
+enough: it moves ``e_1`` to ``μ = 0``, i.e. ``λ = 1``, which is then among the kept pairs
+whenever ``λ_η ≥ 1`` -- always when ``n ≤ η``, so on every few-shot episode graph -- and pushes
+out the last useful pair ``j = η``.)
+
+- ``dense``: ``eigh`` of ``S - 3 e_1 e_1ᵀ``: ``e_1`` moves to ``μ = -2``, strictly below the
+  spectrum ``[-1, 1]`` of ``S`` (no tie even on a bipartite component, whose ``μ = -1``), so the
+  top ``min(η, n) - 1`` pairs are exactly ``j = 2..min(η, n)`` for any ``n``.
+- ``chebyshev``: Chebyshev-filtered subspace iteration (block size η + buffer, polynomial
+  filter damping ``[-1, cut]``, Rayleigh-Ritz) on ``P S P`` with ``P = I - e_1 e_1ᵀ``; the block
+  is re-projected onto ``e_1^⊥`` after every filter, so ``e_1`` can never enter the Ritz basis
+  (a shift would not do here: the filter *amplifies* anything below ``-1``). All in torch, so
+  it runs on CUDA too.
+- ``arpack``: ``scipy.sparse.linalg.eigsh`` (``which="LA"``) on ``S - 3 e_1 e_1ᵀ``, for reference.
+
+Disconnected graphs: ``λ = 0`` then has multiplicity ``c`` (the number of components). Only
+the single direction ``e_1 = D^{1/2} 1 / ||.||`` of that eigenspace is excluded; the other
+``c - 1`` zero-``λ`` directions (the ``D^{1/2}``-weighted contrasts between components, any
+orthonormal basis of them: ``W'`` only depends on their span) are kept as ``j = 2..c``, as in
+eq. 6 and the reference code. Their ``1/λ`` weight is capped by flooring ``λ`` at
+``lambda_floor`` (1e-6, i.e. a factor ``1/sqrt(1e-6) = 1000`` on those embedding columns), so
+they dominate ``W'``: under the cosine of :func:`vote` nodes of different components get a
+negative similarity (about -1 with two components) and nodes of one component a cosine near
+1, their within-component differences being a small perturbation that still orders the votes.
+The same floor keeps ``1/λ`` finite for a connected graph whose ``λ_2`` rounds to 0 in float32.
 """
 
 from __future__ import annotations
@@ -28,7 +50,11 @@ SOLVERS = ("auto", "dense", "chebyshev", "arpack")
 
 @dataclass
 class SpectralEmbedding:
-    """``eigvals``: ``μ_j`` of ``S`` (descending, j = 2..η); ``vectors``: ``e_j`` ``[n, η-1]``."""
+    """``eigvals``: ``μ_j`` of ``S`` (descending, j = 2..min(η, n)); ``vectors``: ``e_j``.
+
+    ``vectors`` is ``[n, min(η, n) - 1]``, orthonormal columns orthogonal to the trivial
+    ``e_1 ∝ D^{1/2} 1``.
+    """
 
     eigvals: torch.Tensor
     vectors: torch.Tensor
@@ -36,7 +62,11 @@ class SpectralEmbedding:
 
     @property
     def laplacian_eigvals(self) -> torch.Tensor:
-        """``λ_j = 1 - μ_j`` of ``L_sym``, floored at ``lambda_floor``."""
+        """``λ_j = 1 - μ_j`` of ``L_sym``, floored at ``lambda_floor`` (keeps ``1/λ_j`` finite).
+
+        ``λ_j ≈ 0`` for ``j ≥ 2`` only on a graph with several components (see the module
+        docstring); the floor then caps those directions' weight at ``1/lambda_floor``.
+        """
         return (1.0 - self.eigvals).clamp_min(self.lambda_floor)
 
     def embedding(self) -> torch.Tensor:
@@ -54,6 +84,13 @@ def normalized_adjacency(a: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
     return s, np.where(deg > 0, sq, 0.0)
 
 
+#: ``S - TRIVIAL_SHIFT e_1 e_1ᵀ`` moves the trivial pair from ``μ = 1`` to ``μ = -2``, strictly
+#: below the spectrum ``[-1, 1]`` of ``S`` (dense and ARPACK solvers).
+TRIVIAL_SHIFT = 3.0
+#: Largest ``|<e_1, x_i>|`` tolerated in a Chebyshev block before it is re-projected.
+LEAK_TOL = 1e-5
+
+
 def spectral_embedding(
     adjacency: sp.csr_matrix,
     n_eig: int = 200,
@@ -67,9 +104,14 @@ def spectral_embedding(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> SpectralEmbedding:
-    """The η-1 non-trivial eigenpairs (j = 2..η) of the normalised graph of symmetric ``adjacency``.
+    """The non-trivial eigenpairs ``j = 2..min(η, n)`` of the normalised graph of ``adjacency``.
 
-    ``tol`` bounds each returned eigenpair's residual ``||S e - μ e||``.
+    ``n_eig`` is η of eq. 6 (the trivial ``j = 1`` counts towards it, as in the paper's code,
+    which keeps eigenvectors 2..200 of the 200 smallest), so ``min(η, n) - 1`` pairs come back,
+    never the trivial ``e_1 ∝ D^{1/2} 1`` (see the module docstring, also for disconnected
+    graphs). ``adjacency`` must be symmetric. ``tol`` bounds each returned eigenpair's residual
+    ``||S e - μ e||`` (chebyshev, arpack); ``dense`` is exact to float64 rounding of float32 ``S``.
+    ``solver="auto"``: dense up to 1000 nodes or when the block would exceed a third of them.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, not {solver!r}")
@@ -77,9 +119,7 @@ def spectral_embedding(
     n = adjacency.shape[0]
     m = max(0, min(n_eig - 1, n - 1))
     s, sqrt_d = normalized_adjacency(adjacency)
-    v0 = torch.from_numpy((sqrt_d / max(np.linalg.norm(sqrt_d), 1e-300)).astype(np.float32)).to(
-        device
-    )
+    e1 = sqrt_d / max(float(np.linalg.norm(sqrt_d)), 1e-300)  # float64, unit (0 if no edges)
     if m == 0:
         return SpectralEmbedding(
             torch.zeros(0, device=device), torch.zeros(n, 0, device=device), lambda_floor
@@ -89,8 +129,8 @@ def spectral_embedding(
         solver = "dense" if n <= 1000 or p > n // 3 else "chebyshev"
     if solver == "dense":
         dense = torch.from_numpy(s.toarray()).to(device, torch.float64)
-        v = v0.double()
-        dense -= torch.outer(v, v)
+        v = torch.from_numpy(e1).to(device)
+        dense -= TRIVIAL_SHIFT * torch.outer(v, v)  # trivial pair -> μ = -2: the very bottom
         with few_threads(device.type == "cpu"):  # threaded LAPACK eigh is slower up to n ~ 2000
             mu, vec = torch.linalg.eigh(dense)
         mu, vec = mu.flip(0)[:m], vec.flip(1)[:, :m]
@@ -98,8 +138,9 @@ def spectral_embedding(
     if solver == "arpack":
         from scipy.sparse.linalg import LinearOperator, eigsh
 
-        v0n = v0.cpu().numpy().astype(np.float64)
-        op = LinearOperator(s.shape, matvec=lambda x: s @ x - v0n * (v0n @ x), dtype=np.float64)
+        op = LinearOperator(
+            s.shape, matvec=lambda x: s @ x - TRIVIAL_SHIFT * e1 * (e1 @ x), dtype=np.float64
+        )
         mu, vec = eigsh(op, k=m, which="LA", tol=tol)
         order = np.argsort(-mu)
         return SpectralEmbedding(
@@ -108,9 +149,10 @@ def spectral_embedding(
             lambda_floor,
         )
     st = to_torch_csr(s.indptr, s.indices, s.data, s.shape, device)
+    v0 = torch.from_numpy(e1.astype(np.float32)).to(device)
     with few_threads(device.type == "cpu" and n <= SMALL_PROBLEM_NODES):
         mu, vec = _chebyshev_subspace(
-            st, v0, m, p, degree=degree, tol=tol, max_iter=max_iter, generator=generator
+            st, v0, m, min(p, n - 1), degree=degree, tol=tol, max_iter=max_iter, generator=generator
         )
     return SpectralEmbedding(mu, vec, lambda_floor)
 
@@ -137,28 +179,42 @@ def _chebyshev_subspace(
     max_iter: int,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``m`` eigenpairs of ``s - v0 v0ᵀ`` (spectrum in [-1, 1]) by Chebyshev-filtered subspace iteration."""
+    """Top-``m`` eigenpairs of ``s`` restricted to ``v0^⊥`` (``p ≤ n - 1`` block columns).
+
+    ``s`` has its spectrum in ``[-1, 1]`` and ``v0`` (unit) is its top eigenvector. The
+    operator is ``P s P`` with ``P = I - v0 v0ᵀ``, and the block is projected onto ``v0^⊥``
+    before every orthonormalisation, so the Ritz vectors span a subspace of ``v0^⊥`` (up to
+    float32 rounding): ``v0`` cannot be returned whatever the spectrum (its ``P s P``
+    eigenvalue 0 may well lie above the damped interval on small or strongly clustered graphs).
+    """
     n = s.shape[0]
     dev = s.device
 
-    def op(x: torch.Tensor) -> torch.Tensor:
-        return (s @ x).sub_(torch.outer(v0, v0 @ x))
+    def proj(x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(torch.outer(v0, v0 @ x))
+
+    def op(x: torch.Tensor) -> torch.Tensor:  # P s P x, for x already in v0^⊥
+        return proj(s @ x)
 
     x = torch.randn(n, p, generator=generator).to(dev)
-    x = _orthonormalize(x - torch.outer(v0, v0 @ x))
+    x = _orthonormalize(proj(x))
     lo, cut = -1.0, 0.5  # unwanted interval [lo, cut], refined from the Ritz values
     mu = torch.zeros(p, device=dev)
     for _ in range(max_iter):
         e = (cut - lo) / 2
         c = (cut + lo) / 2
-        sigma1 = e / (1.0 - c)
+        sigma1 = e / (1.0 - c)  # Chebyshev recurrence scaling (not the σ of eq. 5 voting)
         sigma = sigma1
         y = op(x).sub_(x, alpha=c).mul_(sigma1 / e)
         for _ in range(2, degree + 1):
             s_new = 1.0 / (2.0 / sigma1 - sigma)
             y_new = op(y).sub_(y, alpha=c).mul_(2 * s_new / e).sub_(x, alpha=sigma * s_new)
             x, y, sigma = y, y_new, s_new
-        x = _orthonormalize(y)
+        x = _orthonormalize(proj(y))
+        # orthonormalising an ill-conditioned block scales its rounding-level v0 component by
+        # up to cond(y) (measured 1e-3 with p = n - 1 on 200 nodes): project once more then
+        if float((v0 @ x).abs().max()) > LEAK_TOL:
+            x = _orthonormalize(proj(x))
         sx = op(x)
         h = (x.T @ sx).double()
         h = (h + h.T) / 2

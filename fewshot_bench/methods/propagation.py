@@ -5,8 +5,9 @@ Registered methods (all consume ``features``, setting ``semi-supervised``):
 - ``nn-propagation``: metric transfer eq. 5 -- support votes for the unlabeled pool, confident
   pseudo-labels (α ≥ ``min_alpha``) join the support, weighted by α, to vote for the queries.
 - ``spectral-propagation``: eq. 6 -- spectral embedding of the kNN graph of support ∪ unlabeled
-  (η = ``n_eig`` eigenvectors, ``1/λ`` weighting), queries attached as out-only nodes, eq. 5
-  voting with inverse temperature ``sigma``.
+  (eigenpairs 2..η of ``L_sym``, η = ``n_eig``, the trivial one excluded, ``1/λ`` weighting),
+  queries attached as out-only nodes, eq. 5 voting with inverse temperature ``sigma``
+  (``exp(sigma * cos)``; the graph's ``temperature`` instead divides: ``exp(s / temperature)``).
 - ``diffusion``: Douze et al. -- ``L <- η(W L)`` from the support seeds over support ∪ unlabeled,
   queries as out-only nodes (incoming edges only); iteration count chosen on held-out seeds.
 - ``diffusion-logreg``: late fusion ``a log p_logreg + (1-a) log p_diffusion``; ``a`` (and the
@@ -280,11 +281,13 @@ class _DiffusionPropagator(PropagationMethod):
 class Diffusion(_DiffusionPropagator):
     """Douze et al. diffusion over support ∪ unlabeled; queries are out-only graph nodes.
 
-    Parameters: graph (``k``, ``metric``, ``index``, ``nprobe``, ``weight``, ``temperature``,
-    ``normalize``, ``queries_in_graph``, ``graph_cache``) and diffusion (``norm`` ∈ col/row/
-    sinkhorn/none, ``n_iter`` int or "auto", ``max_iter``, ``default_iter``, ``n_folds``,
-    ``gamma`` (Γ_r power), ``prior`` (Sinkhorn class prior, uniform if None),
-    ``sinkhorn_iters``, ``class_batch``). Scores: log of the row-normalised query mass.
+    Parameters: graph (``k``, ``metric``, ``index``, ``nprobe``, ``weight``, ``temperature``
+    (``weight="exp"`` only: edge weight ``exp((s - s_max) / temperature)``, a temperature that
+    *divides* the similarity, 0.1), ``normalize``, ``queries_in_graph``, ``graph_cache``) and
+    diffusion (``norm`` ∈ col/row/sinkhorn/none, ``n_iter`` int or "auto", ``max_iter``,
+    ``default_iter``, ``n_folds``, ``gamma`` (Γ_r power), ``prior`` (Sinkhorn class prior,
+    uniform if None), ``sinkhorn_iters``, ``class_batch``). Scores: log of the row-normalised
+    query mass.
     """
 
     defaults = {**GRAPH_DEFAULTS, **DIFFUSION_DEFAULTS}
@@ -372,10 +375,13 @@ class DiffusionLogreg(_DiffusionPropagator):
 class SpectralPropagation(PropagationMethod):
     """Metric transfer eq. 6: spectral embedding of the kNN graph, then eq. 5 voting.
 
-    Parameters: graph ones (as ``diffusion``) plus ``n_eig`` (η, 200), ``sigma`` (σ, 40, inverse
-    temperature on the cosine of embedding rows), ``tol`` (eigen-residual), ``solver``
-    (auto/dense/chebyshev/arpack). Queries are attached out-only (Nyström-style neighbour
-    average) unless they are in the graph (see module docstring).
+    Parameters: graph ones (as ``diffusion``; ``temperature`` divides the edge similarity)
+    plus ``n_eig`` (η, 200: eigenpairs ``j = 2..min(η, n)`` of ``L_sym``, the trivial ``j = 1``
+    excluded, so at most η - 1 embedding columns), ``sigma`` (σ, 40: an *inverse* temperature
+    that multiplies the cosine of embedding rows in the eq. 5 exponential, ``exp(σ cos)``, as in
+    the paper), ``tol`` (eigen-residual), ``solver`` (auto/dense/chebyshev/arpack). Queries are
+    attached out-only (Nyström-style neighbour average) unless they are in the graph (see
+    module docstring).
     """
 
     defaults = {**GRAPH_DEFAULTS, **SPECTRAL_DEFAULTS}
@@ -402,6 +408,9 @@ class SpectralPropagation(PropagationMethod):
 @register_method("nn-propagation")
 class NNPropagation(PropagationMethod):
     """Metric transfer eq. 5 on the features: ``z[u,c] = mean_{i∈c} exp(sigma * cos(x_i, x_u))``.
+
+    ``sigma`` multiplies the cosine (an inverse temperature, 20 here); ``tau`` divides the
+    scores in the eq. 8 confidence softmax ``softmax(z / τ)``.
 
     With unlabeled data, the support first votes for the pool; pseudo-labels with α ≥
     ``min_alpha`` (``tau``, ``k_per_class``, ``top_k`` as in :func:`confident_pseudo_labels`) join
@@ -469,10 +478,12 @@ def make_propagator(params: dict[str, Any]) -> PropagationMethod:
 class PropagationClassifier(PropagationMethod):
     """Metric transfer pipeline: propagate to the unlabeled pool, then the eq. 10 classifier.
 
-    ``propagator``: "diffusion" | "spectral" | "nn" (its parameters are accepted here too);
-    pseudo-labels: ``tau``, ``min_alpha`` (0.01), ``k_per_class``, ``top_k``; classifier:
-    ``l2``, ``logreg_iter``. Loss ``-(1/N) Σ α_i log p(ŷ_i)`` with α = 1 for the support.
-    Queries are scored by the classifier only (inductive with respect to the queries).
+    ``propagator``: "diffusion" | "spectral" | "nn" (its parameters are accepted here too;
+    ``sigma``/``nn_sigma`` multiply the cosine in eq. 5, ``temperature`` divides the edge
+    similarity); pseudo-labels: ``tau`` (divides: ``softmax(z / τ)``), ``min_alpha`` (0.01),
+    ``k_per_class``, ``top_k``; classifier: ``l2``, ``logreg_iter``. Loss
+    ``-(1/N) Σ α_i log p(ŷ_i)`` with α = 1 for the support. Queries are scored by the
+    classifier only (inductive with respect to the queries).
     """
 
     defaults = {
