@@ -85,7 +85,7 @@ def omniglot_5w(shared_data):
     return proto, load_pool(proto, shared_data)
 
 
-@pytest.mark.parametrize("method", ["stack-walker", "gc-search", "workdir-reader"])
+@pytest.mark.parametrize("method", ["stack-walker", "gc-search", "workdir-reader", "seed-replay"])
 def test_hostile_plugins_score_at_chance(method, omniglot_5w, tmp_path, hostile_executor):
     proto, pool = omniglot_5w
     workdir = tmp_path / "runs"
@@ -121,6 +121,26 @@ def test_the_hostile_methods_have_teeth():
     for cls in (hostile_methods.StackWalker, hostile_methods.GcSearch):
         pred = cls().predict(task, None).argmax(1).tolist()
         assert pred == [3, 1, 4, 0, 2], cls.__name__
+
+
+def test_the_seed_replay_would_win_against_a_seed_only_order():
+    """Against items ordered by a permutation drawn from the task seed alone, replaying the seed
+    recovers every label; the runner's content-keyed order (tested above) defeats it."""
+    sys.path.insert(0, str(Path(HOSTILE).parent))
+    try:
+        import hostile_methods
+    finally:
+        sys.path.pop(0)
+    from fewshot_bench.run.assemble import task_seed
+
+    seed, index, n_way, q = 0, 17, 5, 15
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, 2]))
+    rng.permutation(5)
+    rng.permutation(0)
+    perm_q = rng.permutation(n_way * q)
+    truth = np.repeat(np.arange(n_way), q)[perm_q]
+    guess = hostile_methods.replay_seed_order(task_seed(seed, index), 5, 0, n_way * q, n_way)
+    assert (guess == truth).all()
 
 
 def test_manifest_files_hold_no_query_labels(omniglot_5w, tmp_path, hostile_executor):

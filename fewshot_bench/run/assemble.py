@@ -1,14 +1,23 @@
 """Turn a manifest's task into what a method sees (shuffled per task) and score what it returns.
 
 Position must say nothing about labels: manifests store items class by class (and some datasets
-are class-sorted), so support, unlabeled and query items are each put in a random order drawn
-from the task's own seed before a method sees them. The runner keeps the permuted truth; the
-method gets a :class:`~fewshot_bench.tasks.task.Task` whose tensors are fresh copies (no view
-into the pool through which other items could be reached).
+are class-sorted), so support, unlabeled and query items are each put in a pseudo-random order
+before a method sees them. The runner keeps the permuted truth; the method gets a
+:class:`~fewshot_bench.tasks.task.Task` whose tensors are fresh copies (no view into the pool
+through which other items could be reached).
+
+The order sorts items by a keyed hash of their own bytes (BLAKE2b keyed with the task's seed,
+index and stream), not by a permutation drawn from the seed alone. A method knows its task's
+seed (``ctx.seed``), from which the task index and hence the manifest's class-sorted layout can
+be recovered; a seed-only permutation would then give every label away. With the content-keyed
+order, mapping the items a method receives back to manifest positions needs the items' contents
+in the manifest, i.e. re-reading the dataset (the documented limit in the README). The order is
+still deterministic: the same task always arrives in the same order.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,21 +58,23 @@ def assemble_task(
     stream: int = ORDER_STREAM,
 ) -> AssembledTask:
     """Gather task ``task_index`` of ``seed`` from the pool tensor in a seeded random order."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, task_index, stream]))
-    perm_s = rng.permutation(len(idx.support))
-    perm_u = rng.permutation(len(idx.unlabeled))
-    perm_q = rng.permutation(len(idx.query))
+    key = hashlib.blake2b(f"{seed}|{task_index}|{stream}".encode(), digest_size=32).digest()
 
-    def take(rows: np.ndarray) -> torch.Tensor:
-        return data[torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))]
+    def take(rows: np.ndarray, role: bytes) -> tuple[torch.Tensor, np.ndarray]:
+        items = data[torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))]
+        perm = keyed_order(items, key + role)
+        return items[torch.from_numpy(perm)], perm
 
+    support, perm_s = take(idx.support, b"s")
+    unlabeled, perm_u = take(idx.unlabeled, b"u")
+    query, perm_q = take(idx.query, b"q")
     task = Task(
-        support=take(idx.support[perm_s]),
+        support=support,
         support_labels=torch.from_numpy(
             np.ascontiguousarray(idx.support_labels[perm_s], dtype=np.int64)
         ),
-        unlabeled=take(idx.unlabeled[perm_u]),
-        query=take(idx.query[perm_q]),
+        unlabeled=unlabeled,
+        query=query,
         n_way=idx.n_way,
         kind=kind,
     )
@@ -72,6 +83,27 @@ def assemble_task(
         unlabeled_labels=np.asarray(truth.unlabeled_labels, dtype=np.int64)[perm_u],
     )
     return AssembledTask(task=task, truth=shuffled, query_order=perm_q)
+
+
+def keyed_order(items: torch.Tensor, key: bytes) -> np.ndarray:
+    """The permutation that sorts ``items`` (rows) by a BLAKE2b hash of their bytes keyed with
+    ``key``; ties (identical rows) keep a keyed pseudo-random order of their positions."""
+    n = int(items.shape[0])
+    if n < 2:
+        return np.arange(n, dtype=np.int64)
+    rows = items.detach().cpu().contiguous().reshape(n, -1).numpy()
+    digest = hashlib.blake2b
+    salt = key[:64]
+    h = np.fromiter(
+        (
+            int.from_bytes(digest(r.tobytes(), key=salt, digest_size=8).digest(), "little")
+            for r in rows
+        ),
+        dtype=np.uint64,
+        count=n,
+    )
+    tie = np.random.default_rng(int.from_bytes(digest(salt).digest()[:8], "little")).permutation(n)
+    return np.lexsort((tie, h)).astype(np.int64)
 
 
 def score_task(

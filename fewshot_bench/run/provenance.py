@@ -93,13 +93,15 @@ def source_closure(module: str, extra_roots: tuple[str, ...] = ("fewshot_bench",
     return [seen[n] for n in sorted(seen)]
 
 
-def code_fingerprint(cls: type) -> str:
-    """Package version + the source closure of ``cls``'s module and of the harness."""
+def code_fingerprint(cls: type, *, harness: bool = True) -> str:
+    """Package version + the source closure of ``cls``'s module and (``harness=True``) of the
+    harness that assembles and scores tasks. Trained states are keyed without the harness:
+    ``fit`` does not go through it, so a change there does not force retraining."""
     if cls.__module__ in ("__main__", "__mp_main__"):
         raise ValueError("a method defined in __main__ has no importable source to fingerprint")
     h = hashlib.sha256(f"fewshot-bench {fewshot_bench.__version__}".encode())
     files: dict[Path, None] = {}
-    for mod in (cls.__module__, *HARNESS_MODULES):
+    for mod in (cls.__module__, *(HARNESS_MODULES if harness else ())):
         for path in source_closure(mod):
             files.setdefault(path)
     for path in sorted(files):

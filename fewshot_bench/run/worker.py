@@ -101,6 +101,7 @@ def describe(method: Any, cls: type, spec: MethodSpec) -> dict[str, Any]:
         "changed": {k: v for k, v in params.items() if defaults.get(k, object()) != v},
         "config": config,
         "code_fingerprint": code_fingerprint(cls),
+        "fit_fingerprint": code_fingerprint(cls, harness=False),
         "source": f"{cls.__module__}:{cls.__qualname__}",
     }
 
