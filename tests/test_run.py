@@ -292,3 +292,31 @@ def test_entry_point_plugin(tmp_path):
         [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
     ).stdout
     assert out.split() == ["example-centroid", "3.0", "features"]
+
+
+def test_worker_exits_when_its_runner_is_killed(shared_data, tmp_path):
+    """A runner killed while its worker is busy must not leave the worker running."""
+    proto = write_protocol(tmp_path)
+    proc = _spawn(30.0, proto, tmp_path / "runs", shared_data)  # each batch sleeps 30 s
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and not workers:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        workers = [int(p) for p in out.stdout.split()]
+        time.sleep(0.2)
+    assert workers, "the runner started no worker"
+    time.sleep(3)  # let the worker get into its long predict
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,7 +1,7 @@
 """The method worker: a separate process that runs methods on Tasks and never sees an answer.
 
 Started by :class:`fewshot_bench.run.executor.ProcessExecutor` as ``python -m
-fewshot_bench.run.worker READ_FD WRITE_FD``. It receives pickled requests (method specs, Tasks,
+fewshot_bench.run.worker READ_FD WRITE_FD RUNNER_PID``. It receives pickled requests (method specs, Tasks,
 seeds, fit data of base classes, cached states) from the runner and answers with JSON headers and
 raw array bytes only, so the runner never unpickles anything a method produced. Query labels,
 unlabeled labels, manifests and the results store stay in the runner's process.
@@ -14,8 +14,11 @@ import importlib
 import importlib.util
 import io
 import json
+import os
 import pickle
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -204,9 +207,27 @@ def serve(inbox: Connection, outbox: Connection) -> None:
             outbox.send_bytes(blob)
 
 
+def exit_with_runner(runner_pid: int, every_s: float = 1.0) -> None:
+    """End this process when the runner that started it is gone.
+
+    A killed runner closes the pipe, but a worker busy in a long ``fit`` would only notice when it
+    next reads; until then it would train for nobody. A daemon thread polls the parent pid."""
+    if os.getppid() != runner_pid:
+        os._exit(0)
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != runner_pid:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-runner", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
     inbox = Connection(int(argv[0]), writable=False)
     outbox = Connection(int(argv[1]), readable=False)
+    exit_with_runner(int(argv[2]) if len(argv) > 2 else os.getppid())
     serve(inbox, outbox)
     return 0
 
