@@ -43,6 +43,31 @@ def _add_plugin(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_executor(p: argparse.ArgumentParser, default: str | None = "serial") -> None:
+    from fewshot_bench.run.executor import EXECUTORS
+
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=default,
+        help="where methods run: serial (one worker process, the default), processes (--jobs "
+        "local worker processes) or ray (Ray actors; pip install -e '.[ray]')",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes: worker processes (default: one per core); ray: workers per method "
+        "(default: as many as the cluster's CPUs/GPUs allow)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="ray: the cluster to join, auto or HOST:PORT of the head node (default: start a "
+        "local Ray instance)",
+    )
+
+
 def parse_method_spec(spec: str) -> tuple[str, dict]:
     """``name`` or ``name:key=value,key=value`` (values parsed as Python literals when possible)."""
     name, _, rest = spec.partition(":")
@@ -156,16 +181,30 @@ def _method_specs(args: argparse.Namespace) -> list:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fewshot_bench.run.executor import shared_executor
-    from fewshot_bench.run.runner import resolve_device, run_protocol
-    from fewshot_bench.run.store import ResultsStore
-    from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
+    from fewshot_bench.run.executor import make_executor
+    from fewshot_bench.run.runner import check_counts, resolve_device
 
     device = resolve_device(args.device)
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         raise FsbenchError(f"--seeds must be integers >= 0, got {args.seeds}")
+    check_counts(args.batch_size, args.max_tasks)  # before anything is created on disk
     specs = _method_specs(args)
-    executor = shared_executor(tuple(args.plugin))
+    # serial: the shared worker process; processes / ray: closed when the run ends
+    executor = make_executor(
+        args.executor, tuple(args.plugin), jobs=args.jobs, address=args.address, device=device
+    )
+    try:
+        return _run_on(args, specs, executor, device)
+    finally:
+        if args.executor != "serial":
+            executor.close()
+
+
+def _run_on(args: argparse.Namespace, specs: list, executor, device) -> int:
+    from fewshot_bench.run.runner import run_protocol
+    from fewshot_bench.run.store import ResultsStore
+    from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
+
     for spec in specs:  # unknown methods and bad parameters fail before anything runs
         executor.describe(spec)
     protos = resolve_protocols(args.protocol)
@@ -201,6 +240,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
     print(f"results: {store_path}  (see `fsbench report --workdir {args.workdir}`)")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fewshot_bench.run.sweep import load_sweep, run_sweep, sweep_status
+
+    overrides = {"workdir": args.workdir, "data_root": args.data_root}
+    if args.status:
+        if args.executor or args.jobs or args.address:
+            raise FsbenchError("--status reads the store only; drop --executor/--jobs/--address")
+        sweep_status(load_sweep(args.sweep, **overrides))
+        return 0
+    overrides.update(executor=args.executor, jobs=args.jobs, address=args.address)
+    sweep = load_sweep(args.sweep, **overrides)
+    cells = run_sweep(sweep, progress=not args.quiet)
+    print(f"results: {sweep.store_path}  (progress: `fsbench sweep --status {args.sweep}`)")
+    return 0 if all(c.done >= c.total for c in cells) else 1
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -408,9 +463,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy the trained state of the (one) training method to this file, for init=",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_executor(p)
     _add_plugin(p)
     _add_common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of protocols x methods x seeds x backbones (SWEEP.toml) serially, in "
+        "local processes or on a Ray cluster; --status shows per-cell progress",
+    )
+    p.add_argument("sweep", type=Path, help="the sweep file (TOML; see sweeps/)")
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="print per-cell done/total of the sweep from the results store (read-only; safe "
+        "from another shell while the sweep runs)",
+    )
+    _add_executor(p, default=None)
+    p.add_argument("--workdir", type=Path, default=None, help="override the sweep's [run] workdir")
+    p.add_argument("--data-root", default=None, help="override the sweep's [run] data_root")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "audit",

@@ -33,7 +33,8 @@ FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
 
 def add_perf_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``perf propagation`` to an ``argparse`` sub-parser set; returns the ``perf`` parser."""
+    """Add ``perf propagation`` (and ``perf executors``, see ``run/executor_bench.py``) to an
+    ``argparse`` sub-parser set; returns the ``perf`` parser."""
     perf = subparsers.add_parser("perf", help="performance benchmarks")
     sub = perf.add_subparsers(dest="perf_command", required=True)
     p = sub.add_parser(
@@ -65,6 +66,9 @@ def add_perf_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-sklearn", action="store_true", help="do not run sklearn at all")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=main_propagation)
+    from fewshot_bench.run.executor_bench import add_executors_parser
+
+    add_executors_parser(sub)
     return perf
 
 

@@ -8,9 +8,11 @@ by default) and scores what comes back against the truth it kept.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import re
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,9 +88,70 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[i : i + size]
 
 
+def _assemble_chunk(
+    chunk: list[int],
+    *,
+    manifest: Manifest,
+    pool_labels: np.ndarray,
+    tensor: torch.Tensor,
+    consumes: str,
+    seed: int,
+) -> list:
+    built = []
+    for i in chunk:
+        idx = manifest.task(i)
+        truth = task_truth(idx, pool_labels)
+        built.append(assemble_task(tensor, consumes, idx, truth, seed, i))
+    return built
+
+
+def _store_chunk(
+    chunk: list[int],
+    built: list,
+    outputs: list[torch.Tensor],
+    settings: list[str],
+    per_task: float,
+    *,
+    name: str,
+    top5: bool,
+    summary: RunSummary,
+    common: dict[str, Any],
+    store: ResultsStore,
+    bar: Any,
+) -> None:
+    """Score a returned chunk against the truth kept here and append its rows."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for i, b, scores, setting in zip(chunk, built, outputs, settings, strict=True):
+        acc, t5 = score_task(scores, b.truth, b.task.n_way, name, top5)
+        summary.accuracies.append(acc)
+        rows.append(
+            ResultRow(
+                **common,
+                setting=setting,
+                task_index=i,
+                accuracy=acc,
+                top5=t5,
+                n_query=len(b.truth.query_labels),
+                seconds=per_task,
+                timestamp=stamp,
+            )
+        )
+    store.append(rows)
+    bar.update(len(chunk))
+    bar.set_postfix(acc=f"{100 * np.mean(summary.accuracies):.2f}%")
+
+
+def _finish_pending(item: tuple, finish: Any) -> None:
+    chunk, built, pending = item
+    outputs, settings = pending.result()
+    seconds = pending.seconds if pending.seconds is not None else float("nan")
+    finish(chunk, built, outputs, settings, seconds / len(chunk))
+
+
 def _state_path(info: dict[str, Any], run_hash: str, fit_fingerprint: str) -> Path:
     key = hashlib.sha256(
-        f"{run_hash}|{info['code_fingerprint']}|{fit_fingerprint}".encode()
+        f"{run_hash}|{info['fit_fingerprint']}|{fit_fingerprint}".encode()
     ).hexdigest()[:24]
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", info["name"])
     return cache_root() / "states" / f"{safe}-{key}.pt"
@@ -190,7 +253,7 @@ def method_config(
     return config, hashlib.sha256(config_json(config).encode()).hexdigest()[:12]
 
 
-def _check_counts(batch_size: int, max_tasks: int | None) -> None:
+def check_counts(batch_size: int, max_tasks: int | None) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise FsbenchError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if max_tasks is not None and (
@@ -224,9 +287,12 @@ def run_protocol(
     backbone and the content of every file they name), code fingerprint and backbone all match.
     ``save_state``: copy the trained state of the one method that trains to this file (for
     ``init=`` of another method, e.g. soft k-means from a ProtoNet state)."""
-    _check_counts(batch_size, max_tasks)
+    check_counts(batch_size, max_tasks)
     device = resolve_device(device) if isinstance(device, str) else device
     executor = executor or shared_executor(tuple(plugins))
+    # executors with several workers take chunks asynchronously (see run/executor.py)
+    submit = getattr(executor, "submit", None)
+    depth = 2 * int(getattr(executor, "parallelism", 1))
     specs = [as_spec(m) for m in methods]
     # every method and parameter is validated (in the worker) before any task runs
     infos = [executor.describe(s) for s in specs]
@@ -302,8 +368,9 @@ def run_protocol(
                 "backbone_hash": bb_hash,
                 "budget": budget if info["trains"] else None,
                 "seed": seed,
-                "device": str(device),
-                "hardware": hardware(str(device)),
+                # where the method ran: a Ray worker may hold a GPU the driver lacks
+                "device": handle.device,
+                "hardware": handle.info.get("hardware") or hardware(handle.device),
                 "x_value": protocol.x_value,
                 "x_label": protocol.x_label,
                 "package_version": fewshot_bench.__version__,
@@ -317,39 +384,48 @@ def run_protocol(
                 unit="task",
                 dynamic_ncols=True,
             )
-            for chunk in _batches(todo[seed], batch_size):
-                built = []
-                for i in chunk:
-                    idx = manifest.task(i)
-                    truth = task_truth(idx, pool_labels)
-                    built.append(assemble_task(tensor, consumes, idx, truth, seed, i))
-                start = time.perf_counter()
-                outputs, settings = executor.map(
-                    handle, [b.task for b in built], [task_seed(seed, i) for i in chunk]
-                )
-                per_task = (time.perf_counter() - start) / len(chunk)
-                stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                rows = []
-                for i, b, scores, setting in zip(chunk, built, outputs, settings, strict=True):
-                    acc, t5 = score_task(
-                        scores, b.truth, b.task.n_way, info["name"], protocol.run["top5"]
+
+            build = functools.partial(
+                _assemble_chunk,
+                manifest=manifest,
+                pool_labels=pool_labels,
+                tensor=tensor,
+                consumes=consumes,
+                seed=seed,
+            )
+            finish = functools.partial(
+                _store_chunk,
+                name=info["name"],
+                top5=protocol.run["top5"],
+                summary=summary,
+                common=common,
+                store=store,
+                bar=bar,
+            )
+            if submit is None:
+                for chunk in _batches(todo[seed], batch_size):
+                    built = build(chunk)
+                    start = time.perf_counter()
+                    outputs, settings = executor.map(
+                        handle, [b.task for b in built], [task_seed(seed, i) for i in chunk]
                     )
-                    summary.accuracies.append(acc)
-                    rows.append(
-                        ResultRow(
-                            **common,
-                            setting=setting,
-                            task_index=i,
-                            accuracy=acc,
-                            top5=t5,
-                            n_query=len(b.truth.query_labels),
-                            seconds=per_task,
-                            timestamp=stamp,
-                        )
+                    per_task = (time.perf_counter() - start) / len(chunk)
+                    finish(chunk, built, outputs, settings, per_task)
+            else:
+                # several workers: keep a few chunks in flight (the workers compute while this
+                # process assembles the next chunks), store each as it returns, in order; a kill
+                # loses at most the chunks in flight
+                inflight: deque = deque()
+                for chunk in _batches(todo[seed], batch_size):
+                    built = build(chunk)
+                    pending = submit(
+                        handle, [b.task for b in built], [task_seed(seed, i) for i in chunk]
                     )
-                store.append(rows)
-                bar.update(len(chunk))
-                bar.set_postfix(acc=f"{100 * np.mean(summary.accuracies):.2f}%")
+                    inflight.append((chunk, built, pending))
+                    while len(inflight) > depth:
+                        _finish_pending(inflight.popleft(), finish)
+                while inflight:
+                    _finish_pending(inflight.popleft(), finish)
             bar.close()
         if handle is not None:
             executor.release(handle)

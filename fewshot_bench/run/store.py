@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 
@@ -97,6 +98,12 @@ PRAGMA user_version = {SCHEMA_VERSION};
 
 #: How long a writer waits in total for another process's lock before giving up.
 LOCK_PATIENCE_S = 600.0
+_FIX = "Point --workdir at a new folder; keep this file if it holds results you need."
+T = TypeVar("T")
+
+
+def _is_lock(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class StoreError(FsbenchError):
@@ -112,7 +119,6 @@ class ResultsStore:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        fix = "Point --workdir at a new folder; keep this file if it holds results you need."
         if readonly and not self.path.is_file():
             raise StoreError(
                 f"no results store at {self.path}; run `fsbench run` first or pass --workdir"
@@ -125,18 +131,13 @@ class ResultsStore:
                 self.conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
             else:
                 self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            tables = {
-                r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"results store {self.path} is not a readable SQLite database ({exc}). {fix}"
-            ) from None
+            raise StoreError(f"cannot open results store {self.path} ({exc}). {_FIX}") from None
+        tables, version = self._retry_locked(self._inspect, f"read {self.path}")
         if tables and "results" not in tables:
             raise StoreError(
                 f"{self.path} is an SQLite database of another program (tables "
-                f"{sorted(tables)}), not a fewshot-bench results store. {fix}"
+                f"{sorted(tables)}), not a fewshot-bench results store. {_FIX}"
             )
         if "results" in tables and version != SCHEMA_VERSION:
             raise StoreError(
@@ -149,14 +150,60 @@ class ResultsStore:
             if "results" not in tables:
                 raise StoreError(f"{self.path} holds no results table; run `fsbench run` first")
             return
+        self._retry_locked(self._create_schema, f"create the results table in {self.path}")
+
+    def _inspect(self) -> tuple[set[str], int]:
+        try:
+            tables = {
+                r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if _is_lock(exc):
+                raise
+            raise StoreError(
+                f"results store {self.path} is not a readable SQLite database ({exc}). {_FIX}"
+            ) from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"results store {self.path} is not a readable SQLite database ({exc}). {_FIX}"
+            ) from None
+        return tables, int(version)
+
+    def _create_schema(self) -> None:
         try:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.executescript(SCHEMA)
+        except sqlite3.OperationalError as exc:
+            if _is_lock(exc):
+                raise
+            raise StoreError(
+                f"results store {self.path} cannot be written ({exc}). {_FIX}"
+            ) from None
         except sqlite3.DatabaseError as exc:
             raise StoreError(
-                f"results store {self.path} cannot be written ({exc}). {fix}"
+                f"results store {self.path} cannot be written ({exc}). {_FIX}"
             ) from None
+
+    def _retry_locked(self, action: Callable[[], T], what: str) -> T:
+        """Run ``action``, waiting with backoff (up to ``LOCK_PATIENCE_S``) while another
+        process holds the database lock."""
+        deadline, pause = time.monotonic() + LOCK_PATIENCE_S, 0.05
+        while True:
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if not _is_lock(exc):
+                    raise StoreError(f"cannot {what}: {exc}") from None
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"cannot {what}: it stayed locked by another process for over "
+                        f"{LOCK_PATIENCE_S:.0f} s. Stop the other writer and rerun the same "
+                        "command to resume."
+                    ) from None
+                time.sleep(pause)
+                pause = min(2 * pause, 5.0)
 
     def close(self) -> None:
         self.conn.close()
@@ -170,33 +217,23 @@ class ResultsStore:
     def append(self, rows: Iterable[ResultRow]) -> int:
         """Insert rows in one transaction; rows already present (same key) are skipped.
 
-        Waits for another writer's lock with backoff (up to ``LOCK_PATIENCE_S``), so a
-        computed batch is not thrown away because a concurrent run is committing.
+        Waits for another writer's lock with backoff, so a computed batch is not thrown away
+        because a concurrent run is committing.
         """
-        values = [tuple(asdict(r)[c] for c in COLUMNS) for r in rows]
+        values = [tuple(getattr(r, c) for c in COLUMNS) for r in rows]
         if not values:
             return 0
         placeholders = ", ".join("?" for _ in COLUMNS)
         sql = f"INSERT OR IGNORE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})"
-        deadline, pause = time.monotonic() + LOCK_PATIENCE_S, 0.05
-        while True:
-            try:
-                with self.conn:
-                    self.conn.execute("BEGIN IMMEDIATE")
-                    before = self.conn.total_changes
-                    self.conn.executemany(sql, values)
-                    return self.conn.total_changes - before
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise StoreError(f"cannot write to {self.path}: {exc}") from None
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"{self.path} stayed locked by another process for over "
-                        f"{LOCK_PATIENCE_S:.0f} s; {len(values)} computed rows were not stored. "
-                        "Stop the other writer and rerun the same command to resume."
-                    ) from None
-                time.sleep(pause)
-                pause = min(2 * pause, 5.0)
+
+        def insert() -> int:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                before = self.conn.total_changes
+                self.conn.executemany(sql, values)
+                return self.conn.total_changes - before
+
+        return self._retry_locked(insert, f"store {len(values)} computed rows in {self.path}")
 
     def done_tasks(self, key: dict[str, object]) -> set[int]:
         """Task indices already stored whose every ``KEY`` column but ``task_index`` matches ``key``."""
