@@ -293,22 +293,29 @@ def _known_families(df) -> dict[str, str]:
     return dict(zip(df["protocol"], families(df), strict=True))
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from fewshot_bench.report import summarise, to_csv, to_latex, to_markdown
+def _stored_results(store: Path, names: list[str] | None):
+    """The store's rows for these protocol or family names (every row without names), read-only:
+    a missing, empty or foreign file is an error, never a new store, and so is a selection
+    without rows (the error lists the protocols and families the store holds)."""
     from fewshot_bench.run.store import load_results
 
-    store = args.workdir / "results.sqlite"
-    # read-only: a missing, empty or foreign file is an error, never a new store
-    df = load_results(store, args.protocol or None)
+    df = load_results(store, list(names or []) or None)
     if df.empty:
-        if not args.protocol:
+        if not names:
             raise FsbenchError(f"no results in {store}; run something first")
         known = _known_families(load_results(store))
         raise FsbenchError(
-            f"no results in {store} for {', '.join(args.protocol)} (protocol or family names); "
+            f"no results for {', '.join(names)} in {store} (as protocol or family names); "
             f"protocols with results: {sorted(known) or 'none'}, "
             f"families: {sorted(set(known.values())) or 'none'}"
         )
+    return df
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fewshot_bench.report import summarise, to_csv, to_latex, to_markdown
+
+    df = _stored_results(args.workdir / "results.sqlite", args.protocol)
     # rows by the store's family, then label count / shots, then accuracy (see summarise)
     table = summarise(df)
     render = {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}[args.format]
@@ -325,7 +332,6 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         write_leaderboards,
     )
     from fewshot_bench.report.cards import reported_by_protocol
-    from fewshot_bench.run.store import load_results
 
     store = args.workdir / "results.sqlite"
     if args.all == bool(args.protocol):
@@ -341,16 +347,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         )
     # Everything comes from the store (read-only): names are the protocols and families its
     # rows record, never looked up in protocol files.
-    df = load_results(store, list(args.protocol) or None)
-    if df.empty:
-        if args.all:
-            raise FsbenchError(f"no results in {store}; run something first")
-        known = _known_families(load_results(store))
-        raise FsbenchError(
-            f"no results for {', '.join(args.protocol)} in {store} (as protocol or family "
-            f"names); protocols with results: {sorted(known) or 'none'}, "
-            f"families: {sorted(set(known.values())) or 'none'}"
-        )
+    df = _stored_results(store, args.protocol)
     fam_of = _known_families(df)
     if args.name:
         # a group page: one column per protocol in the order given (families expand in place,

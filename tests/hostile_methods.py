@@ -45,15 +45,29 @@ class PositionOnly(Method):
         return _by_position(task.query.shape[0], task.n_way)
 
 
-@register_method("stack-walker")
-class StackWalker(Method):
-    """Walks up the call stack looking for the runner's (Task, TaskTruth) pairs."""
+class _AnswerHunter(Method):
+    """Looks for the query labels where a method should find none (``find_labels``); predicts
+    from position when it finds nothing."""
 
     consumes = "features"
     setting = "inductive"
 
+    def find_labels(self, task, ctx, n_query: int, n_way: int):
+        raise NotImplementedError
+
     def predict(self, task, ctx):
         n_query, n_way = task.query.shape[0], task.n_way
+        labels = self.find_labels(task, ctx, n_query, n_way)
+        if labels is None:
+            return _by_position(n_query, n_way)
+        return _from_labels(labels, n_query, n_way)
+
+
+@register_method("stack-walker")
+class StackWalker(_AnswerHunter):
+    """Walks up the call stack looking for the runner's (Task, TaskTruth) pairs."""
+
+    def find_labels(self, task, ctx, n_query, n_way):
         frame = sys._getframe(1)
         while frame is not None:
             for value in list(frame.f_locals.values()):
@@ -61,52 +75,42 @@ class StackWalker(Method):
                 for c in candidates:
                     truth = getattr(c, "truth", c)
                     if _looks_like_truth(truth) and len(truth.query_labels) == n_query:
-                        return _from_labels(truth.query_labels, n_query, n_way)
+                        return truth.query_labels
             frame = frame.f_back
-        return _by_position(n_query, n_way)
+        return None
 
 
 @register_method("gc-search")
-class GcSearch(Method):
+class GcSearch(_AnswerHunter):
     """Searches every live object of the process for truth objects of this task's size."""
 
-    consumes = "features"
-    setting = "inductive"
-
-    def predict(self, task, ctx):
-        n_query, n_way = task.query.shape[0], task.n_way
+    def find_labels(self, task, ctx, n_query, n_way):
         for obj in gc.get_objects():
             try:
                 if _looks_like_truth(obj) and len(obj.query_labels) == n_query:
-                    return _from_labels(obj.query_labels, n_query, n_way)
+                    return obj.query_labels
             except Exception:  # noqa: BLE001, S112
                 continue
-        return _by_position(n_query, n_way)
+        return None
 
 
 @register_method("workdir-reader")
-class WorkdirReader(Method):
+class WorkdirReader(_AnswerHunter):
     """Opens every manifest it can find under the working directory and uses any label
     array of the right length, in order."""
 
-    consumes = "features"
-    setting = "inductive"
-
-    def predict(self, task, ctx):
-        n_query, n_way = task.query.shape[0], task.n_way
-        roots = [Path.cwd()]
-        for root in roots:
-            for path in sorted(root.rglob("*.npz"))[:200]:
-                try:
-                    with np.load(path, allow_pickle=False) as z:
-                        for key in z.files:
-                            if "label" in key and key != "support_labels":
-                                arr = z[key]
-                                if arr.ndim == 1 and len(arr) >= n_query and arr.max() < n_way:
-                                    return _from_labels(arr, n_query, n_way)
-                except Exception:  # noqa: BLE001, S112
-                    continue
-        return _by_position(n_query, n_way)
+    def find_labels(self, task, ctx, n_query, n_way):
+        for path in sorted(Path.cwd().rglob("*.npz"))[:200]:
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    for key in z.files:
+                        if "label" in key and key != "support_labels":
+                            arr = z[key]
+                            if arr.ndim == 1 and len(arr) >= n_query and arr.max() < n_way:
+                                return arr
+            except Exception:  # noqa: BLE001, S112
+                continue
+        return None
 
 
 def replay_seed_order(
@@ -128,17 +132,10 @@ def replay_seed_order(
 
 
 @register_method("seed-replay")
-class SeedReplay(Method):
+class SeedReplay(_AnswerHunter):
     """Uses the public task seed to recompute where each class's queries went."""
 
-    consumes = "features"
-    setting = "inductive"
-
-    def predict(self, task, ctx):
-        n_query, n_way = task.query.shape[0], task.n_way
-        labels = replay_seed_order(
+    def find_labels(self, task, ctx, n_query, n_way):
+        return replay_seed_order(
             ctx.seed, task.support.shape[0], task.unlabeled.shape[0], n_query, n_way
         )
-        if labels is None or len(labels) != n_query:
-            return _by_position(n_query, n_way)
-        return _from_labels(labels, n_query, n_way)

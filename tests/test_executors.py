@@ -22,25 +22,13 @@ from fewshot_bench.run.executor import (
     shared_executor,
     split_evenly,
 )
+from fewshot_bench.run.fixtures import comparable_rows, write_episodic_protocol
 from fewshot_bench.run.runner import run_protocol
 from fewshot_bench.run.store import ResultsStore, load_results
 from fewshot_bench.run.sweep import load_sweep
 from fewshot_bench.tasks.protocol import load_pool, load_protocol_file
 
 N_TASKS = 40
-#: what must be identical between executors, row by row
-SAME = [
-    "protocol",
-    "method",
-    "seed",
-    "task_index",
-    "accuracy",
-    "config_hash",
-    "code_fingerprint",
-    "manifest_hash",
-    "setting",
-    "n_query",
-]
 METHODS = [
     MethodSpec("nearest-prototype"),
     MethodSpec("logistic-regression", {"max_iter": 25}),
@@ -113,33 +101,19 @@ TRAINER = textwrap.dedent('''
 
 
 def write_protocol(folder: Path, *, fit: bool = False, seeds: tuple[int, ...] = (0,)) -> Path:
-    path = folder / "omni-exec.toml"
-    fit_line = 'fit_split = "test"' if fit else ""
-    path.write_text(
-        textwrap.dedent(f"""
-        name = "omni-exec"
-        [dataset]
-        name = "omniglot"
-        splits = ["test"]
-        image_size = 28
-        {fit_line}
-        [episodes]
-        n_way = 5
-        k_shot = 1
-        n_query = 5
-        n_unlabeled = 3
-        n_distractor = 2
-        n_tasks = {N_TASKS}
-        [run]
-        seeds = {list(seeds)}
-    """)
+    return write_episodic_protocol(
+        folder,
+        "omni-exec",
+        n_unlabeled=3,
+        n_distractor=2,
+        n_tasks=N_TASKS,
+        seeds=seeds,
+        fit_split="test" if fit else None,
     )
-    return path
 
 
 def rows(path: Path):
-    df = load_results(path).sort_values(["method", "seed", "task_index"])
-    return df[SAME].reset_index(drop=True)
+    return comparable_rows(load_results(path))
 
 
 @pytest.fixture(scope="module")

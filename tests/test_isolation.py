@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import run_quietly
 
 from fewshot_bench.errors import DataNotFoundError
 from fewshot_bench.run.executor import MethodSpec, ProcessExecutor
-from fewshot_bench.run.runner import run_protocol
-from fewshot_bench.run.store import ResultsStore, load_results
+from fewshot_bench.run.store import load_results
 from fewshot_bench.tasks.protocol import all_protocols, load_pool
 from fewshot_bench.tasks.task import TaskTruth
 
@@ -61,20 +61,17 @@ def test_position_carries_no_label(name, shared_data, tmp_path, hostile_executor
         pool = load_pool(proto, shared_data)
     except DataNotFoundError as exc:
         pytest.skip(f"{name}: its images are not on this machine ({str(exc)[:80]})")
-    with ResultsStore(tmp_path / "r.sqlite") as store:
-        run_protocol(
-            proto,
-            [MethodSpec("position-only")],
-            store,
-            seeds=[proto.run["seeds"][0]],
-            workdir=tmp_path,
-            pool=pool,
-            backbone="pixels",
-            max_tasks=80,
-            progress=False,
-            executor=hostile_executor,
-        )
-    df = load_results(tmp_path / "r.sqlite")
+    run_quietly(
+        proto,
+        [MethodSpec("position-only")],
+        tmp_path,
+        seeds=[proto.run["seeds"][0]],
+        pool=pool,
+        backbone="pixels",
+        max_tasks=80,
+        executor=hostile_executor,
+    )
+    df = load_results(tmp_path / "results.sqlite")
     n_way = proto.params.get("n_way") or pool.data.n_classes
     _assert_chance(df, lambda row: n_way)
 
@@ -89,18 +86,9 @@ def omniglot_5w(shared_data):
 def test_hostile_plugins_score_at_chance(method, omniglot_5w, tmp_path, hostile_executor):
     proto, pool = omniglot_5w
     workdir = tmp_path / "runs"
-    with ResultsStore(workdir / "results.sqlite") as store:
-        # a first method leaves manifests and rows in the workdir for the reader to find
-        run_protocol(
-            proto,
-            [MethodSpec("position-only"), MethodSpec(method)],
-            store,
-            workdir=workdir,
-            pool=pool,
-            max_tasks=100,
-            progress=False,
-            executor=hostile_executor,
-        )
+    # a first method leaves manifests and rows in the workdir for the reader to find
+    specs = [MethodSpec("position-only"), MethodSpec(method)]
+    run_quietly(proto, specs, workdir, pool=pool, max_tasks=100, executor=hostile_executor)
     df = load_results(workdir / "results.sqlite")
     _assert_chance(df[df.method == method], lambda row: 5)
 
@@ -145,17 +133,8 @@ def test_the_seed_replay_would_win_against_a_seed_only_order():
 
 def test_manifest_files_hold_no_query_labels(omniglot_5w, tmp_path, hostile_executor):
     proto, pool = omniglot_5w
-    with ResultsStore(tmp_path / "r.sqlite") as store:
-        run_protocol(
-            proto,
-            [MethodSpec("position-only")],
-            store,
-            workdir=tmp_path,
-            pool=pool,
-            max_tasks=2,
-            progress=False,
-            executor=hostile_executor,
-        )
+    specs = [MethodSpec("position-only")]
+    run_quietly(proto, specs, tmp_path, pool=pool, max_tasks=2, executor=hostile_executor)
     files = list(tmp_path.rglob("*.npz"))
     assert files
     for path in files:

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
+from run_helpers import run_quietly
 
 from fewshot_bench.cli import main
 from fewshot_bench.errors import ManifestError
 from fewshot_bench.run.audit import audit_method
 from fewshot_bench.run.executor import MethodSpec, ProcessExecutor
-from fewshot_bench.run.runner import run_protocol
-from fewshot_bench.run.store import ResultsStore, load_results
+from fewshot_bench.run.fixtures import write_episodic_protocol
+from fewshot_bench.run.store import load_results
 from fewshot_bench.tasks.protocol import load_pool, load_protocol_file
 
 HERE = Path(__file__).resolve().parent
@@ -24,25 +24,10 @@ HOSTILE = str(HERE / "hostile_methods.py")
 N_TASKS = 12
 
 
-def write_protocol(folder: Path, n_query: int = 3, seeds: str = "[0]") -> Path:
-    path = folder / "omni-prov.toml"
-    path.write_text(
-        textwrap.dedent(f"""
-        name = "omni-prov"
-        [dataset]
-        name = "omniglot"
-        splits = ["test"]
-        image_size = 28
-        [episodes]
-        n_way = 5
-        k_shot = 1
-        n_query = {n_query}
-        n_tasks = {N_TASKS}
-        [run]
-        seeds = {seeds}
-    """)
+def write_protocol(folder: Path, n_query: int = 3, seeds: tuple[int, ...] = (0,)) -> Path:
+    return write_episodic_protocol(
+        folder, "omni-prov", n_query=n_query, n_tasks=N_TASKS, seeds=seeds
     )
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +44,7 @@ def pool(shared_data, tmp_path_factory):
 
 
 def _run(proto, spec, workdir, pool, executor, **kw):
-    with ResultsStore(workdir / "results.sqlite") as store:
-        return run_protocol(
-            proto,
-            [spec],
-            store,
-            workdir=workdir,
-            pool=pool,
-            progress=False,
-            executor=executor,
-            **kw,
-        )[0]
+    return run_quietly(proto, [spec], workdir, pool=pool, executor=executor, **kw)[0]
 
 
 def test_rows_describe_themselves(tmp_path, pool, executor):
@@ -144,7 +119,7 @@ def test_changed_protocol_never_reuses_rows(tmp_path, pool, executor):
 def test_imported_episodes_are_one_task_set_and_not_confused_with_sampled(
     tmp_path, shared_data, capsys
 ):
-    proto_path = write_protocol(tmp_path, seeds="[0, 1, 2]")
+    proto_path = write_protocol(tmp_path, seeds=(0, 1, 2))
     work = tmp_path / "runs"
     base = ["--workdir", str(work), "--data-root", str(shared_data)]
     assert main(["episodes", str(proto_path), "--export", str(tmp_path / "ep.jsonl"), *base]) == 0

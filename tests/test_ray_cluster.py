@@ -14,7 +14,6 @@ import secrets
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,11 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     RAY_ERROR = str(exc)
 
+from run_helpers import count_rows, run_quietly
+
 from fewshot_bench.run.executor import MethodSpec
-from fewshot_bench.run.runner import run_protocol
-from fewshot_bench.run.store import ResultsStore, load_results
+from fewshot_bench.run.fixtures import comparable_rows, write_episodic_protocol
+from fewshot_bench.run.store import load_results
 from fewshot_bench.tasks.protocol import load_protocol_file
 
 pytestmark = pytest.mark.skipif(
@@ -45,18 +46,6 @@ PROBES = str(Path(__file__).with_name("probe_methods.py"))
 N_TASKS = 40
 SEEDS = (0, 1)
 DELAY = 0.25  # seconds per chunk of slow-prototype, in the Ray workers
-SAME = [
-    "protocol",
-    "method",
-    "seed",
-    "task_index",
-    "accuracy",
-    "config_hash",
-    "code_fingerprint",
-    "manifest_hash",
-    "setting",
-    "n_query",
-]
 
 
 def _free_port() -> int:
@@ -135,35 +124,9 @@ def cluster():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _rows(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=30) as c:
-            return c.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 def test_sweep_on_a_two_node_cluster_survives_a_killed_worker(cluster, shared_data, tmp_path):
-    proto = tmp_path / "omni-ray.toml"
-    proto.write_text(
-        textwrap.dedent(f"""
-        name = "omni-ray"
-        [dataset]
-        name = "omniglot"
-        splits = ["test"]
-        image_size = 28
-        [episodes]
-        n_way = 5
-        k_shot = 1
-        n_query = 5
-        n_unlabeled = 2
-        n_distractor = 2
-        n_tasks = {N_TASKS}
-        [run]
-        seeds = {list(SEEDS)}
-    """)
+    proto = write_episodic_protocol(
+        tmp_path, "omni-ray", n_unlabeled=2, n_distractor=2, n_tasks=N_TASKS, seeds=SEEDS
     )
     workdir = tmp_path / "runs"
     sweep = tmp_path / "ray.toml"
@@ -202,10 +165,10 @@ def test_sweep_on_a_two_node_cluster_survives_a_killed_worker(cluster, shared_da
             time.sleep(0.1)
         assert len(workers) == 2, "".join(err_lines)
         assert len({node for _, node in workers}) == 2, "one worker on each node"
-        while _rows(db) < 12 and time.time() < deadline and proc.poll() is None:
+        while count_rows(db) < 12 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         os.kill(int(workers[0][0]), signal.SIGKILL)
-        at_kill = _rows(db)
+        at_kill = count_rows(db)
         assert 12 <= at_kill < total, f"the kill landed after {at_kill} rows"
         status = subprocess.run(
             [sys.executable, "-m", "fewshot_bench", "sweep", "--status", str(sweep)],
@@ -225,19 +188,17 @@ def test_sweep_on_a_two_node_cluster_survives_a_killed_worker(cluster, shared_da
     assert proc.returncode == 0, out + "".join(err_lines)
     assert f"4/4 cells done, {total}/{total} tasks" in out
     # the serial reference: the same tasks, seeds and methods in one worker process
-    with ResultsStore(tmp_path / "serial.sqlite") as store:
-        run_protocol(
-            load_protocol_file(proto)[0],
-            [MethodSpec("slow-prototype"), MethodSpec("nearest-prototype")],
-            store,
-            workdir=workdir,
-            root=shared_data,
-            device="cpu",
-            progress=False,
-            plugins=(PROBES,),
-        )
-    ray_rows = load_results(db).sort_values(["method", "seed", "task_index"])
-    serial = load_results(tmp_path / "serial.sqlite").sort_values(["method", "seed", "task_index"])
+    run_quietly(
+        load_protocol_file(proto)[0],
+        [MethodSpec("slow-prototype"), MethodSpec("nearest-prototype")],
+        workdir,
+        store=tmp_path / "serial.sqlite",
+        root=shared_data,
+        device="cpu",
+        plugins=(PROBES,),
+    )
+    ray_rows = load_results(db)
     assert len(ray_rows) == total
-    assert ray_rows[SAME].reset_index(drop=True).equals(serial[SAME].reset_index(drop=True))
+    serial = load_results(tmp_path / "serial.sqlite")
+    assert comparable_rows(ray_rows).equals(comparable_rows(serial))
     assert set(ray_rows.device) == {"cpu"}

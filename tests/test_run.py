@@ -8,13 +8,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from run_helpers import count_rows, run_quietly
 
 from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods import (
@@ -24,6 +24,7 @@ from fewshot_bench.methods import (
     register_method,
 )
 from fewshot_bench.run.executor import MethodSpec
+from fewshot_bench.run.fixtures import write_episodic_protocol
 from fewshot_bench.run.runner import run_protocol, score_task
 from fewshot_bench.run.store import COLUMNS, ResultRow, ResultsStore, load_results
 from fewshot_bench.tasks.protocol import load_pool, load_protocol_file
@@ -35,26 +36,9 @@ N_TASKS = 60
 
 
 def write_protocol(folder: Path, n_tasks: int = N_TASKS) -> Path:
-    path = folder / "omni-small.toml"
-    path.write_text(
-        textwrap.dedent(f"""
-        name = "omni-small"
-        [dataset]
-        name = "omniglot"
-        splits = ["test"]
-        image_size = 28
-        [episodes]
-        n_way = 5
-        k_shot = 1
-        n_query = 5
-        n_unlabeled = 2
-        n_distractor = 2
-        n_tasks = {n_tasks}
-        [run]
-        seeds = [0]
-    """)
+    return write_episodic_protocol(
+        folder, "omni-small", n_unlabeled=2, n_distractor=2, n_tasks=n_tasks
     )
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -172,17 +156,9 @@ def test_what_a_method_receives(small, tmp_path):
     unlabeled and query items only, as fresh copies, not in class order; a failed assertion
     there fails the run."""
     proto, pool = small
-    with ResultsStore(tmp_path / "results.sqlite") as store:
-        run_protocol(
-            proto,
-            [MethodSpec("inspector")],
-            store,
-            workdir=tmp_path,
-            pool=pool,
-            max_tasks=16,
-            progress=False,
-            plugins=(PROBES,),
-        )
+    run_quietly(
+        proto, [MethodSpec("inspector")], tmp_path, pool=pool, max_tasks=16, plugins=(PROBES,)
+    )
     assert len(load_results(tmp_path / "results.sqlite")) == 16
 
 
@@ -194,26 +170,16 @@ def _spawn(delay: float, proto: Path, workdir: Path, data: Path) -> subprocess.P
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _rows(db: Path) -> int:
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db, timeout=30) as c:
-        try:
-            return c.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-
-
 def test_resume_after_kill_9(shared_data, tmp_path):
     proto = write_protocol(tmp_path)
     db = tmp_path / "runs" / "results.sqlite"
     proc = _spawn(0.05, proto, tmp_path / "runs", shared_data)
     deadline = time.time() + 120
-    while _rows(db) < 10 and time.time() < deadline and proc.poll() is None:
+    while count_rows(db) < 10 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = _rows(db)
+    partial = count_rows(db)
     assert 10 <= partial < N_TASKS, f"kill landed after {partial} rows"
     rerun = _spawn(0.0, proto, tmp_path / "runs", shared_data)
     out, err = rerun.communicate(timeout=300)
@@ -222,17 +188,14 @@ def test_resume_after_kill_9(shared_data, tmp_path):
     df = load_results(db)
     assert len(df) == N_TASKS and sorted(df.task_index) == list(range(N_TASKS))
     # the same numbers as an uninterrupted run of the same method
-    reference_proto = load_protocol_file(proto)[0]
-    with ResultsStore(tmp_path / "ref.sqlite") as store:
-        ref = run_protocol(
-            reference_proto,
-            [MethodSpec("slow-prototype")],
-            store,
-            workdir=tmp_path / "runs",
-            root=shared_data,
-            progress=False,
-            plugins=(PROBES,),
-        )[0]
+    ref = run_quietly(
+        load_protocol_file(proto)[0],
+        [MethodSpec("slow-prototype")],
+        tmp_path / "runs",
+        store=tmp_path / "ref.sqlite",
+        root=shared_data,
+        plugins=(PROBES,),
+    )[0]
     assert np.allclose(df.sort_values("task_index").accuracy.to_numpy(), ref.accuracies)
 
 

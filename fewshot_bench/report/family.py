@@ -42,7 +42,7 @@ from fewshot_bench.report.tables import (
     latex_table,
     markdown_table,
     summarise,
-    to_csv,
+    write_md_and_csv,
 )
 
 __all__ = [
@@ -300,15 +300,7 @@ def _write_page(
         md += [f"- [{Path(name).stem}]({name})" for name in links] + [""]
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    md_path = out / f"{lay.stem}.md"
-    write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
-    paths.append(md_path)
-
-    csv_path = out / f"{lay.stem}.csv"
-    to_csv(long, csv_path)
-    paths.append(csv_path)
-
+    paths = write_md_and_csv(out, lay.stem, md, long)
     tex_rows = [shown]
     rep_long = long[long["kind"] == "reported"]
     if not rep_long.empty:

@@ -34,9 +34,9 @@ from fewshot_bench.report.tables import (
     comparison_table,
     leaderboard,
     markdown_table,
-    to_csv,
     to_latex,
     to_markdown,
+    write_md_and_csv,
 )
 
 __all__ = [
@@ -128,14 +128,7 @@ def write_leaderboard(
             md += [to_markdown(comparison_matrix(data, protocol)).rstrip("\n"), ""]
     if png is not None:
         md += [f"![accuracy vs {fam}]({png.name})", ""]
-    md_path = out / f"{stem}.md"
-    write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
-    paths.append(md_path)
-
-    csv_path = out / f"{stem}.csv"
-    to_csv(board, csv_path)
-    paths.append(csv_path)
-
+    paths += write_md_and_csv(out, stem, md, board)
     tex_path = out / f"{stem}.tex"
     caption = f"{protocol} ({settings}): mean accuracy ± 95% CI"
     if board["task_source"].map(is_imported).any():

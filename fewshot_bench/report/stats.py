@@ -33,6 +33,7 @@ from scipy import stats as _st
 
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.report.entries import assign_task_sets, short_hash
+from fewshot_bench.run.store import KEY
 
 CIMethod = Literal["auto", "normal", "t"]
 
@@ -73,16 +74,7 @@ OPTIONAL_COLUMNS: dict[str, object] = {
 }
 _NUMERIC = ("accuracy", "top5", "seconds", "x_value", "budget")
 #: One task of one entry: the results store's primary key.
-TASK_KEY = [
-    "protocol",
-    "manifest_hash",
-    "method",
-    "config_hash",
-    "code_fingerprint",
-    "backbone",
-    "seed",
-    "task_index",
-]
+TASK_KEY = KEY
 #: Tasks are paired only when all of these match: same task set, same seed, same task.
 PAIR_KEY = ["protocol", "manifest_hash", "seed", "task_index"]
 Z_95 = 1.96

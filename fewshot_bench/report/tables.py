@@ -487,6 +487,16 @@ def to_csv(table: pd.DataFrame, path: str | Path | None = None, *, digits: int =
     return text
 
 
+def write_md_and_csv(out: Path, stem: str, md: list[str], table: pd.DataFrame) -> list[Path]:
+    """A page's two plain files: ``OUT/STEM.md`` (its Markdown lines, ending in one newline)
+    and ``OUT/STEM.csv`` (``table``, see :func:`to_csv`); their paths."""
+    md_path = out / f"{stem}.md"
+    write_text_atomic(md_path, "\n".join(md).rstrip("\n") + "\n")
+    csv_path = out / f"{stem}.csv"
+    to_csv(table, csv_path)
+    return [md_path, csv_path]
+
+
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}",
     "&": r"\&",

@@ -24,6 +24,7 @@ arrive as raw float32 bytes, trained states as ``torch.save`` bytes the runner s
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import json
 import os
@@ -83,6 +84,13 @@ class MethodHandle:
         return self.info["name"]
 
 
+def raise_for_error(meta: dict[str, Any]) -> None:
+    """A worker's error answer (``{"error", "traceback"?}``) as a :class:`MethodError`."""
+    if "error" in meta:
+        detail = f"\n{meta['traceback']}" if meta.get("traceback") else ""
+        raise MethodError(f"{meta['error']}{detail}")
+
+
 def decode_scores(meta: dict[str, Any], blobs: list[bytes]) -> list[torch.Tensor]:
     """Score tensors from a worker's answer: raw float32 bytes and their shapes (nothing is
     unpickled)."""
@@ -136,9 +144,7 @@ class ProcessExecutor:
                 f"the method worker exited (code {code}) during {request[0]!r}; finished tasks are "
                 "stored: fix the cause and rerun the same command to resume"
             ) from None
-        if "error" in meta:
-            detail = f"\n{meta['traceback']}" if meta.get("traceback") else ""
-            raise MethodError(f"{meta['error']}{detail}")
+        raise_for_error(meta)
         return meta, blobs
 
     def open(
@@ -223,6 +229,24 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     parts = max(1, min(parts, n))
     bounds = [round(i * n / parts) for i in range(parts + 1)]
     return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def map_in_chunks(
+    submit: Callable[[list[Task], list[int]], Pending],
+    parts: int,
+    tasks: list[Task],
+    seeds: list[int],
+) -> tuple[list[torch.Tensor], list[str]]:
+    """``map`` of an executor with ``submit``: the tasks split into ``parts`` chunks (one per
+    worker holding the method), all submitted at once; scores and settings in input order."""
+    pending = [submit(tasks[a:b], seeds[a:b]) for a, b in split_evenly(len(tasks), parts)]
+    scores: list[torch.Tensor] = []
+    settings: list[str] = []
+    for p in pending:
+        s, t = p.result()
+        scores += s
+        settings += t
+    return scores, settings
 
 
 class _Lane:
@@ -373,15 +397,8 @@ class ParallelExecutor:
         self, handle: MethodHandle, tasks: list[Task], seeds: list[int]
     ) -> tuple[list[torch.Tensor], list[str]]:
         """Scores of each task, the tasks split across the workers, in input order."""
-        parts = split_evenly(len(tasks), len(self._subs[handle.hid]))
-        pending = [self.submit(handle, tasks[a:b], seeds[a:b]) for a, b in parts]
-        scores: list[torch.Tensor] = []
-        settings: list[str] = []
-        for p in pending:
-            s, t = p.result()
-            scores += s
-            settings += t
-        return scores, settings
+        submit = functools.partial(self.submit, handle)
+        return map_in_chunks(submit, len(self._subs[handle.hid]), tasks, seeds)
 
     def _release_subs(self, subs: dict[int, MethodHandle], wait: bool = True) -> None:
         futures = [

@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -75,27 +74,6 @@ def _self_cpu() -> float:
     return t.user + t.system
 
 
-def _protocol_text(n_tasks: int) -> str:
-    return textwrap.dedent(f"""
-        name = "perf-executors"
-        description = "Omniglot evaluation alphabets, 5-way 1-shot, 5 unlabeled/class, 5 distractors"
-        [dataset]
-        name = "omniglot"
-        splits = ["test"]
-        image_size = 28
-        [episodes]
-        n_way = 5
-        k_shot = 1
-        n_query = 5
-        n_unlabeled = 5
-        n_distractor = 5
-        labeled_fraction = 0.4
-        n_tasks = {n_tasks}
-        [run]
-        seeds = [0]
-    """)
-
-
 def _start(kind: str, jobs: int) -> tuple[Any, Any]:
     """The executor, and a function returning its workers' CPU seconds."""
     from fewshot_bench.run.executor import ParallelExecutor, ProcessExecutor
@@ -114,13 +92,21 @@ def _start(kind: str, jobs: int) -> tuple[Any, Any]:
 
 def bench(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     from fewshot_bench.run.executor import MethodSpec
+    from fewshot_bench.run.fixtures import comparable_rows, write_episodic_protocol
     from fewshot_bench.run.runner import run_protocol
     from fewshot_bench.run.store import ResultsStore, load_results
     from fewshot_bench.tasks.manifest import load_task_sets
     from fewshot_bench.tasks.protocol import load_pool, load_protocol_file
 
-    proto_file = workdir / "perf-executors.toml"
-    proto_file.write_text(_protocol_text(args.tasks))
+    proto_file = write_episodic_protocol(
+        workdir,
+        "perf-executors",
+        description="Omniglot evaluation alphabets, 5-way 1-shot, 5 unlabeled/class, 5 distractors",
+        n_unlabeled=5,
+        n_distractor=5,
+        labeled_fraction=0.4,
+        n_tasks=args.tasks,
+    )
     proto = load_protocol_file(proto_file)[0]
     pool = load_pool(proto, args.data_root)
     load_task_sets(proto, pool, workdir, None)  # materialised once, outside the timings
@@ -155,7 +141,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
             cpu = _self_cpu() - cpu0 + worker_cpu()
         finally:
             executor.close()
-        df = load_results(store_path).sort_values(["method", "seed", "task_index"])
+        df = comparable_rows(load_results(store_path))
         results.append(
             {
                 "executor": kind if kind == "serial" else f"{kind} x{args.jobs}",
@@ -170,14 +156,6 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
         )
         print(f"{kind}: {t2 - t1:.1f} s", file=sys.stderr, flush=True)
     return results
-
-
-def _same(a: Any, b: Any) -> bool:
-    cols = ["method", "seed", "task_index", "accuracy", "config_hash", "code_fingerprint"]
-    cols += ["manifest_hash"]
-    return len(a) == len(b) and a[cols].reset_index(drop=True).equals(
-        b[cols].reset_index(drop=True)
-    )
 
 
 def main_executors(args: argparse.Namespace) -> int:
@@ -210,7 +188,7 @@ def main_executors(args: argparse.Namespace) -> int:
         same = (
             "-"
             if base is None or r is base
-            else ("yes" if _same(base["rows"], r["rows"]) else "NO")
+            else ("yes" if base["rows"].equals(r["rows"]) else "NO")
         )
         load = "/".join(f"{x:.2f}" for x in r["load"])
         print(

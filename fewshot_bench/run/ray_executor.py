@@ -22,6 +22,7 @@ Ray is an optional dependency: ``pip install -e '.[ray]'``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -44,7 +45,8 @@ from fewshot_bench.run.executor import (
     Pending,
     check_same_info,
     decode_scores,
-    split_evenly,
+    map_in_chunks,
+    raise_for_error,
 )
 from fewshot_bench.tasks.task import Task
 
@@ -397,9 +399,7 @@ class RayExecutor:
         if not ok:
             raise MethodError(f"a Ray worker answered {what} with something other than plain data")
         meta, blobs = value
-        if "error" in meta:
-            detail = f"\n{meta['traceback']}" if meta.get("traceback") else ""
-            raise MethodError(f"{meta['error']}{detail}")
+        raise_for_error(meta)
         return meta, blobs
 
     # ------------------------------------------------------------------ the executor interface
@@ -484,15 +484,8 @@ class RayExecutor:
         self, handle: MethodHandle, tasks: list[Task], seeds: list[int]
     ) -> tuple[list[torch.Tensor], list[str]]:
         """Scores of each task, the tasks split across the actors, in input order."""
-        parts = split_evenly(len(tasks), len(self._opened[handle.hid].members))
-        pending = [self.submit(handle, tasks[a:b], seeds[a:b]) for a, b in parts]
-        scores: list[torch.Tensor] = []
-        settings: list[str] = []
-        for p in pending:
-            s, t = p.result()
-            scores += s
-            settings += t
-        return scores, settings
+        submit = functools.partial(self.submit, handle)
+        return map_in_chunks(submit, len(self._opened[handle.hid].members), tasks, seeds)
 
     def release(self, handle: MethodHandle) -> None:
         opened = self._opened.pop(handle.hid, None)
