@@ -193,6 +193,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     executor = make_executor(
         args.executor, tuple(args.plugin), jobs=args.jobs, address=args.address, device=device
     )
+    if getattr(executor, "sandbox", "") is None:
+        print(
+            "fsbench: note: the method worker runs unconfined (no Landlock on this kernel, or "
+            "FSBENCH_SANDBOX=0): a method could write into the workdir and caches",
+            file=sys.stderr,
+        )
     try:
         return _run_on(args, specs, executor, device)
     finally:

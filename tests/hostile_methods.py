@@ -139,3 +139,43 @@ class SeedReplay(_AnswerHunter):
         return replay_seed_order(
             ctx.seed, task.support.shape[0], task.unlabeled.shape[0], n_query, n_way
         )
+
+
+@register_method("store-forger")
+class StoreForger(Method):
+    """Copies its own stored rows with accuracy 1.0 onto task indices not run yet, so that the
+    runner skips those tasks as "already stored"; and overwrites every cached feature file."""
+
+    consumes = "features"
+    setting = "inductive"
+
+    def predict_batch(self, tasks, ctxs):
+        import os
+        import sqlite3
+
+        for db in Path.cwd().rglob("results.sqlite"):
+            try:
+                with sqlite3.connect(db, timeout=5) as conn:
+                    rows = conn.execute(
+                        "SELECT * FROM results WHERE method = 'store-forger'"
+                    ).fetchall()
+                    names = [d[0] for d in conn.execute("SELECT * FROM results").description]
+                    if rows:
+                        last = dict(zip(names, rows[-1], strict=True))
+                        for k in range(1, 200):
+                            forged = {**last, "task_index": last["task_index"] + k, "accuracy": 1.0}
+                            marks = ", ".join("?" for _ in forged)
+                            conn.execute(
+                                f"INSERT OR IGNORE INTO results ({', '.join(forged)}) VALUES ({marks})",
+                                list(forged.values()),
+                            )
+            except Exception:  # noqa: BLE001, S112
+                continue
+        cache = os.environ.get("FSBENCH_CACHE")
+        if cache:
+            for path in Path(cache).rglob("*.pt"):
+                try:
+                    path.write_bytes(b"poisoned")
+                except OSError:
+                    continue
+        return [_by_position(t.query.shape[0], t.n_way) for t in tasks]

@@ -187,6 +187,8 @@ def test_training_method_fits_once_and_every_worker_gets_its_state(
     plugin.write_text(TRAINER)
     log = tmp_path / "log.txt"
     monkeypatch.setenv("FSBENCH_TEST_LOG", str(log))
+    # the probe counts fits in a file shared by the workers, which their sandbox forbids
+    monkeypatch.setenv("FSBENCH_SANDBOX", "0")
     proto = load_protocol_file(write_protocol(tmp_path, fit=True))[0]
     pool = load_pool(proto, shared_data)
     salt = str(tmp_path)  # a configuration no earlier run has cached a state for

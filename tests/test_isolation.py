@@ -15,6 +15,7 @@ from run_helpers import run_quietly
 
 from fewshot_bench.errors import DataNotFoundError
 from fewshot_bench.run.executor import MethodSpec, ProcessExecutor
+from fewshot_bench.run.sandbox import landlock_abi
 from fewshot_bench.run.store import load_results
 from fewshot_bench.tasks.protocol import all_protocols, load_pool
 from fewshot_bench.tasks.task import TaskTruth
@@ -141,3 +142,70 @@ def test_manifest_files_hold_no_query_labels(omniglot_5w, tmp_path, hostile_exec
         with np.load(path) as z:
             labels = {k for k in z.files if k.endswith("_labels") or k.endswith("_labels_offsets")}
             assert labels <= {"support_labels", "support_labels_offsets"}, (path, labels)
+
+
+def _forge(proto, pool, workdir: Path, executor) -> tuple:
+    import hashlib
+    import os
+
+    cache = Path(os.environ["FSBENCH_CACHE"])
+    # an honest first run caches the pool's features, which the forger then tries to overwrite
+    run_quietly(proto, [MethodSpec("nearest-prototype")], workdir, pool=pool, max_tasks=1)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in cache.rglob("*.pt")}
+    run_quietly(
+        proto,
+        [MethodSpec("store-forger")],
+        workdir,
+        pool=pool,
+        max_tasks=40,
+        batch_size=4,
+        executor=executor,
+    )
+    df = load_results(workdir / "results.sqlite")
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before if p.exists()}
+    return df, before, after
+
+
+@pytest.mark.skipif(landlock_abi() < 1, reason="the kernel offers no Landlock sandbox")
+def test_a_method_cannot_forge_rows_or_poison_the_caches(omniglot_5w, tmp_path, monkeypatch):
+    proto, pool = omniglot_5w
+    monkeypatch.chdir(tmp_path)  # the forger searches the worker's working directory
+    ex = ProcessExecutor(plugins=(HOSTILE,))
+    try:
+        assert ex.sandbox and "landlock" in ex.sandbox
+        df, before, after = _forge(proto, pool, tmp_path / "runs", ex)
+    finally:
+        ex.close()
+    assert before and after == before, "a cached file was overwritten"
+    df = df[df.method == "store-forger"]
+    assert len(df) == 40 and (df.accuracy == 1.0).mean() < 0.1
+    _assert_chance(df, lambda row: 5)
+
+
+def test_without_the_sandbox_the_forger_would_win(omniglot_5w, tmp_path, monkeypatch):
+    """The same attack with the sandbox turned off forges rows: the test above has teeth. (The
+    feature cache it would poison here is a copy, so other tests are unaffected.)"""
+    import os
+    import shutil
+
+    proto, pool = omniglot_5w
+    cache = tmp_path / "cache"
+    shutil.copytree(os.environ["FSBENCH_CACHE"], cache, ignore=shutil.ignore_patterns("states"))
+    env = {"FSBENCH_SANDBOX": "0", "FSBENCH_CACHE": str(cache)}
+    monkeypatch.chdir(tmp_path)
+    ex = ProcessExecutor(plugins=(HOSTILE,), env=env)
+    try:
+        assert ex.sandbox is None
+        run_quietly(
+            proto,
+            [MethodSpec("store-forger")],
+            tmp_path / "runs",
+            pool=pool,
+            max_tasks=40,
+            batch_size=4,
+            executor=ex,
+        )
+    finally:
+        ex.close()
+    df = load_results(tmp_path / "runs" / "results.sqlite")
+    assert (df.accuracy == 1.0).sum() >= 30  # forged rows took the place of real ones

@@ -127,7 +127,9 @@ class ProcessExecutor:
         os.close(from_worker_w)
         self._out = Connection(to_worker_w, readable=False)
         self._in = Connection(from_worker_r, writable=False)
-        self._call("init", list(sys.path), list(self.plugins))
+        meta, _ = self._call("init", list(sys.path), list(self.plugins))
+        #: how the worker is confined ("landlock ABI N: writes confined to ...") or None
+        self.sandbox: str | None = meta.get("sandbox")
 
     @property
     def alive(self) -> bool:

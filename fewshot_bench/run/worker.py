@@ -9,6 +9,7 @@ unlabeled labels, manifests and the results store stay in the runner's process.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import importlib.util
@@ -16,7 +17,9 @@ import io
 import json
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -123,7 +126,7 @@ class Worker:
         sys.path[:] = list(dict.fromkeys([*sys_path, *sys.path]))
         for ref in plugins:
             load_plugin(ref)
-        return {"ok": True}, []
+        return {"ok": True, "sandbox": SANDBOX}, []
 
     def op_open(
         self,
@@ -224,10 +227,29 @@ def exit_with_runner(runner_pid: int, every_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-runner", daemon=True).start()
 
 
+#: How this process is confined (set by ``main``); ``None`` when it is not.
+SANDBOX: str | None = None
+
+
+def confine() -> str | None:
+    """Give this worker a private temporary folder and, where the kernel allows, confine its
+    writes to it (``FSBENCH_SANDBOX=0`` turns this off, e.g. to debug a method)."""
+    from fewshot_bench.run.sandbox import confine_writes
+
+    private = tempfile.mkdtemp(prefix="fsbench-worker-")
+    os.environ["TMPDIR"] = tempfile.tempdir = private
+    atexit.register(shutil.rmtree, private, True)
+    if os.environ.get("FSBENCH_SANDBOX", "1") == "0":
+        return None
+    return confine_writes([private, "/dev"])
+
+
 def main(argv: list[str]) -> int:
+    global SANDBOX
     inbox = Connection(int(argv[0]), writable=False)
     outbox = Connection(int(argv[1]), readable=False)
     exit_with_runner(int(argv[2]) if len(argv) > 2 else os.getppid())
+    SANDBOX = confine()
     serve(inbox, outbox)
     return 0
 
