@@ -6,8 +6,8 @@ before a method sees them. The runner keeps the permuted truth; the method gets 
 :class:`~fewshot_bench.tasks.task.Task` whose tensors are fresh copies (no view into the pool
 through which other items could be reached).
 
-The order sorts items by a keyed hash of their own bytes (BLAKE2b keyed with the task's seed,
-index and stream), not by a permutation drawn from the seed alone. A method knows its task's
+The order sorts items by a keyed hash of their own bytes (keyed with the task's seed, index and
+stream), not by a permutation drawn from the seed alone. A method knows its task's
 seed (``ctx.seed``), from which the task index and hence the manifest's class-sorted layout can
 be recovered; a seed-only permutation would then give every label away. With the content-keyed
 order, mapping the items a method receives back to manifest positions needs the items' contents
@@ -85,25 +85,36 @@ def assemble_task(
     return AssembledTask(task=task, truth=shuffled, query_order=perm_q)
 
 
-def keyed_order(items: torch.Tensor, key: bytes) -> np.ndarray:
-    """The permutation that sorts ``items`` (rows) by a BLAKE2b hash of their bytes keyed with
-    ``key``; ties (identical rows) keep a keyed pseudo-random order of their positions."""
+def keyed_order(items: torch.Tensor, key: bytes, block: int = 4096) -> np.ndarray:
+    """The permutation that sorts ``items`` (rows) by a keyed hash of their bytes.
+
+    Each row's bytes, read as 64-bit words, are combined with odd multipliers drawn from ``key``
+    and mixed with the splitmix64 finaliser, all in exact integer arithmetic (the order is the
+    same on every machine). Ties (identical rows) fall back to a keyed order of positions."""
     n = int(items.shape[0])
     if n < 2:
         return np.arange(n, dtype=np.int64)
-    rows = items.detach().cpu().contiguous().reshape(n, -1).numpy()
-    digest = hashlib.blake2b
-    salt = key[:64]
-    h = np.fromiter(
-        (
-            int.from_bytes(digest(r.tobytes(), key=salt, digest_size=8).digest(), "little")
-            for r in rows
-        ),
-        dtype=np.uint64,
-        count=n,
+    raw = items.detach().cpu().contiguous().reshape(n, -1).numpy().view(np.uint8).reshape(n, -1)
+    pad = (-raw.shape[1]) % 8
+    if pad:
+        raw = np.concatenate([raw, np.zeros((n, pad), dtype=np.uint8)], axis=1)
+    words = np.ascontiguousarray(raw).view("<u8")
+    rng = np.random.default_rng(
+        int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
     )
-    tie = np.random.default_rng(int.from_bytes(digest(salt).digest()[:8], "little")).permutation(n)
-    return np.lexsort((tie, h)).astype(np.int64)
+    mult = rng.integers(0, 2**63, size=words.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(
+        1
+    )
+    with np.errstate(over="ignore"):
+        h = np.concatenate(
+            [(words[i : i + block] * mult).sum(axis=1, dtype=np.uint64) for i in range(0, n, block)]
+        )
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return np.lexsort((rng.permutation(n), h)).astype(np.int64)
 
 
 def score_task(
