@@ -19,7 +19,13 @@ import torch
 
 from fewshot_bench.run.assemble import AUDIT_STREAM, ORDER_STREAM, assemble_task, task_seed
 from fewshot_bench.run.executor import MethodSpec, shared_executor
-from fewshot_bench.run.runner import method_config, open_method, pool_tensor, resolve_device
+from fewshot_bench.run.runner import (
+    method_config,
+    open_method,
+    pool_tensor,
+    resolve_device,
+    row_key,
+)
 from fewshot_bench.run.store import ResultsStore
 from fewshot_bench.tasks.manifest import load_task_sets
 from fewshot_bench.tasks.protocol import Pool, Protocol, load_pool
@@ -102,19 +108,9 @@ def audit_method(
     store_path = Path(workdir) / "results.sqlite"
     if store_path.is_file():
         with ResultsStore(store_path, readonly=True) as store:
-            rows = store.conn.execute(
-                "SELECT task_index, accuracy FROM results WHERE protocol=? AND manifest_hash=? "
-                "AND method=? AND config_hash=? AND code_fingerprint=? AND seed=?",
-                (
-                    protocol.name,
-                    manifest.content_hash,
-                    info["name"],
-                    run_hash,
-                    info["code_fingerprint"],
-                    seed,
-                ),
-            ).fetchall()
-        stored = dict(rows)
+            stored = store.stored_accuracies(
+                row_key(protocol, manifest, info, config, run_hash, seed)
+            )
     # a sample of the entry's stored tasks (of the whole task set when none is stored yet)
     candidates = np.array(sorted(stored) or range(manifest.n_tasks))
     spread = np.linspace(0, len(candidates) - 1, min(n_tasks, len(candidates))).round()

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import fewshot_bench
 from fewshot_bench.atomic import atomic_path
 from fewshot_bench.backbones.embedders import get_embedder
-from fewshot_bench.data.base import cache_root
+from fewshot_bench.data.base import LabeledData, cache_root
 from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods.base import Method
 from fewshot_bench.run.assemble import assemble_task, score_task, task_seed
@@ -157,9 +157,7 @@ def _state_path(info: dict[str, Any], run_hash: str, fit_fingerprint: str) -> Pa
     return cache_root() / "states" / f"{safe}-{key}.pt"
 
 
-def _fit_source(
-    protocol: Protocol, root: Any, consumes: str, backbone: str, device: torch.device
-) -> tuple[dict[str, Any], str]:
+def _fit_data(protocol: Protocol, root: Any) -> LabeledData:
     """The base-class data a training method fits on (the protocol's ``fit_split``)."""
     from fewshot_bench.data import load_dataset
 
@@ -172,17 +170,20 @@ def _fit_source(
     kwargs = dict(protocol.dataset.get("options", {}))
     if "image_size" in protocol.dataset:
         kwargs["image_size"] = protocol.dataset["image_size"]
-    data = load_dataset(protocol.dataset["name"], split, root, **kwargs)
+    return load_dataset(protocol.dataset["name"], split, root, **kwargs)
+
+
+def _fit_source(data: LabeledData, consumes: str, backbone: str, device: torch.device) -> dict:
+    """What ``fit`` receives: the base-class images, or their features for feature methods."""
     tensor = (
         data.data if consumes == "images" else pool_features(data, get_embedder(backbone), device)
     )
-    source = {
+    return {
         "data": tensor,
         "labels": data.labels,
         "kind": consumes,
         "class_names": data.class_names,
     }
-    return source, data.fingerprint()
 
 
 def open_method(
@@ -202,8 +203,8 @@ def open_method(
     (the state is cached by the runner as bytes it never unpickles) or load the cached state."""
     if not info["trains"]:
         return executor.open(spec, device)
-    source, fit_fp = _fit_source(protocol, root, info["consumes"], backbone, device)
-    path = _state_path(info, run_hash, fit_fp)
+    data = _fit_data(protocol, root)
+    path = _state_path(info, run_hash, data.fingerprint())
     handle = None
     if path.is_file():
         try:
@@ -211,6 +212,8 @@ def open_method(
         except MethodError as exc:
             print(f"fsbench: cached state {path} is unusable ({exc}); training again")
     if handle is None:
+        # features of the base classes are computed only when the method actually fits
+        source = _fit_source(data, info["consumes"], backbone, device)
         handle = executor.open(spec, device, fit={"source": source, "budget": budget, "seed": seed})
         if handle.state is not None:
             with atomic_path(path) as tmp:
@@ -251,6 +254,27 @@ def method_config(
     if info["trains"]:
         config["budget"] = budget
     return config, hashlib.sha256(config_json(config).encode()).hexdigest()[:12]
+
+
+def row_key(
+    protocol: Protocol,
+    manifest: Manifest,
+    info: dict[str, Any],
+    config: dict[str, Any],
+    run_hash: str,
+    seed: int,
+) -> dict[str, Any]:
+    """The store key (``ENTRY_KEY``: all but the task index) of one method configuration on one
+    task set."""
+    return {
+        "protocol": protocol.name,
+        "manifest_hash": manifest.content_hash,
+        "method": info["name"],
+        "config_hash": run_hash,
+        "code_fingerprint": info["code_fingerprint"],
+        "backbone": config["backbone"],
+        "seed": seed,
+    }
 
 
 def check_counts(batch_size: int, max_tasks: int | None) -> None:
@@ -304,6 +328,10 @@ def run_protocol(
     backbone = backbone or protocol.run["backbone"]
     pool = pool or load_pool(protocol, root)
     task_sets: dict[int, Manifest] = load_task_sets(protocol, pool, Path(workdir), seeds)
+    n_tasks = {
+        seed: m.n_tasks if max_tasks is None else min(max_tasks, m.n_tasks)
+        for seed, m in task_sets.items()
+    }
     pool_labels = np.asarray(pool.data.labels)
     data_note = "; ".join(pool.data.meta.get("notes", []))
     tensors: dict[str, torch.Tensor] = {}
@@ -314,19 +342,8 @@ def run_protocol(
         method_backbone, bb_hash = config["backbone"], config["backbone_hash"]
         todo: dict[int, list[int]] = {}
         for seed, manifest in task_sets.items():
-            n = manifest.n_tasks if max_tasks is None else min(max_tasks, manifest.n_tasks)
-            done = store.done_tasks(
-                {
-                    "protocol": protocol.name,
-                    "manifest_hash": manifest.content_hash,
-                    "method": info["name"],
-                    "config_hash": run_hash,
-                    "code_fingerprint": info["code_fingerprint"],
-                    "backbone": method_backbone,
-                    "seed": seed,
-                }
-            )
-            todo[seed] = [i for i in range(n) if i not in done]
+            done = store.done_tasks(row_key(protocol, manifest, info, config, run_hash, seed))
+            todo[seed] = [i for i in range(n_tasks[seed]) if i not in done]
         handle = None
         if any(todo.values()) or save_state is not None:
             tensor = pool_tensor(pool, consumes, backbone, device, tensors)
@@ -344,7 +361,7 @@ def run_protocol(
                 save_state,
             )
         for seed, manifest in task_sets.items():
-            n = manifest.n_tasks if max_tasks is None else min(max_tasks, manifest.n_tasks)
+            n = n_tasks[seed]
             summary = RunSummary(
                 protocol.name, info["name"], seed, ran=len(todo[seed]), skipped=n - len(todo[seed])
             )

@@ -75,6 +75,8 @@ KEY = [
     "seed",
     "task_index",
 ]
+#: The key of one method configuration on one task set: every ``KEY`` column but the task.
+ENTRY_KEY = [c for c in KEY if c != "task_index"]
 _SQL_TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
 
 
@@ -235,17 +237,21 @@ class ResultsStore:
 
         return self._retry_locked(insert, f"store {len(values)} computed rows in {self.path}")
 
-    def done_tasks(self, key: dict[str, object]) -> set[int]:
-        """Task indices already stored whose every ``KEY`` column but ``task_index`` matches ``key``."""
-        cols = [c for c in KEY if c != "task_index"]
-        missing = set(cols) - set(key)
+    def stored_accuracies(self, key: dict[str, object]) -> dict[int, float]:
+        """``{task_index: accuracy}`` of the stored rows whose every ``KEY`` column but
+        ``task_index`` matches ``key``."""
+        missing = set(ENTRY_KEY) - set(key)
         if missing:
-            raise ValueError(f"done_tasks needs {sorted(missing)}")
-        where = " AND ".join(f"{c}=?" for c in cols)
+            raise ValueError(f"a row key needs {sorted(missing)}")
+        where = " AND ".join(f"{c}=?" for c in ENTRY_KEY)
         cur = self.conn.execute(
-            f"SELECT task_index FROM results WHERE {where}", [key[c] for c in cols]
+            f"SELECT task_index, accuracy FROM results WHERE {where}", [key[c] for c in ENTRY_KEY]
         )
-        return {r[0] for r in cur.fetchall()}
+        return dict(cur.fetchall())
+
+    def done_tasks(self, key: dict[str, object]) -> set[int]:
+        """Task indices already stored under ``key`` (see :meth:`stored_accuracies`)."""
+        return set(self.stored_accuracies(key))
 
     def dataframe(self, protocols: list[str] | None = None) -> pd.DataFrame:
         """All rows (optionally of some protocols or families) as a DataFrame."""

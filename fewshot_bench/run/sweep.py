@@ -53,6 +53,7 @@ from fewshot_bench.atomic import write_text_atomic
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.run.executor import EXECUTORS, MethodSpec
 from fewshot_bench.run.ray_executor import Resources, parse_memory
+from fewshot_bench.run.store import ENTRY_KEY
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -291,28 +292,11 @@ class Cell:
         return f"{self.protocol} {self.method} {self.backbone} s{self.seed}"
 
     def row_key(self) -> tuple:
-        k = self.key
-        return (
-            k["protocol"],
-            k["manifest_hash"],
-            k["method"],
-            k["config_hash"],
-            k["code_fingerprint"],
-            k["backbone"],
-            k["seed"],
-        )
+        return tuple(self.key[c] for c in ENTRY_KEY)
 
 
 def _row_key(row: Any) -> tuple:
-    return (
-        row.protocol,
-        row.manifest_hash,
-        row.method,
-        row.config_hash,
-        row.code_fingerprint,
-        row.backbone,
-        row.seed,
-    )
+    return tuple(getattr(row, c) for c in ENTRY_KEY)
 
 
 class _CountingStore:
@@ -348,7 +332,7 @@ class _Group:
 def plan_sweep(sweep: Sweep, executor: Any, store: Any) -> list[_Group]:
     """Resolve every cell: protocols (families expand), manifests (materialised), each method's
     configuration hash and code fingerprint (from a worker), and what the store holds."""
-    from fewshot_bench.run.runner import method_config
+    from fewshot_bench.run.runner import method_config, row_key
     from fewshot_bench.tasks.manifest import load_task_sets
     from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
 
@@ -376,15 +360,7 @@ def plan_sweep(sweep: Sweep, executor: Any, store: Any) -> list[_Group]:
                     n = manifest.n_tasks
                     if sweep.max_tasks is not None:
                         n = min(n, sweep.max_tasks)
-                    cell_key = {
-                        "protocol": proto.name,
-                        "manifest_hash": manifest.content_hash,
-                        "method": info["name"],
-                        "config_hash": run_hash,
-                        "code_fingerprint": info["code_fingerprint"],
-                        "backbone": config["backbone"],
-                        "seed": seed,
-                    }
+                    cell_key = row_key(proto, manifest, info, config, run_hash, seed)
                     cell = Cell(proto.name, m.text, config["backbone"], seed, n, cell_key)
                     if cell.row_key() in seen:  # e.g. an image method under two backbones
                         continue
