@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,12 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise InputDataError(f"checkpoint {path} cannot be read ({exc}); retrain it") from exc
+        why = (
+            "it holds objects other than tensors and plain values, refused without running them"
+            if isinstance(exc, pickle.UnpicklingError)
+            else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        )
+        raise InputDataError(f"checkpoint {path} cannot be read ({why}); retrain it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputDataError(
             f"{path} is not a fewshot-bench pretraining checkpoint (format {FORMAT}); "

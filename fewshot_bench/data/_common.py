@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fewshot_bench.atomic import atomic_path
 from fewshot_bench.data.base import cache_root
+from fewshot_bench.data.tempfiles import owned_temp_path, remove_stale_temps
 from fewshot_bench.errors import InputDataError
 
 #: Bump when the decoding changes, so stale cached arrays are not reused.
@@ -143,11 +144,15 @@ def fingerprint_listing(entries: Iterable[tuple[str, int]]) -> str:
 def cached_array(kind: str, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
     """Return the array cached under ``cache_root()/decoded`` for ``(kind, key)``, building it once.
 
-    Writes are atomic (temp file + rename), so parallel processes never read half a file.
+    Writes are atomic (temp file + rename), so parallel processes never read half a file; the
+    temporary files of killed writers are removed. ``kind`` may hold any characters (a split
+    name, say): the file name keeps letters, digits, ``-``, ``_`` and ``.`` of it.
     """
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{kind}|{key}".encode()).hexdigest()[:20]
     folder = cache_root() / "decoded"
-    path = folder / f"{kind}-{digest}.npy"
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", kind).lstrip(".")[:100]
+    path = folder / f"{safe}-{digest}.npy"
+    remove_stale_temps(folder)
     if path.exists():
         try:
             return np.load(path, allow_pickle=False)
@@ -155,7 +160,7 @@ def cached_array(kind: str, key: str, build: Callable[[], np.ndarray]) -> np.nda
             pass  # a damaged cache file: rebuild it below
     arr = build()
     try:
-        with atomic_path(path, suffix=".npy") as tmp:
+        with owned_temp_path(path, suffix=".npy") as tmp:
             np.save(tmp, arr, allow_pickle=False)
     except OSError:
         pass  # the cache is best effort (read-only or full disk)

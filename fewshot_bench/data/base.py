@@ -15,6 +15,41 @@ from fewshot_bench.errors import DataNotFoundError, InputDataError
 DATA_ENV = "FSBENCH_DATA"
 CACHE_ENV = "FSBENCH_CACHE"
 
+#: The largest squared L2 norm a feature row may have: a squared distance between two rows (up
+#: to 4x the larger squared norm) must still be finite in float32.
+MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
+
+
+def feature_problem(features: torch.Tensor, chunk: int = 65536) -> str | None:
+    """What makes float features ``[N, D]`` unusable, as a phrase after "they", else ``None``.
+
+    Unusable: NaN or inf entries, or a row whose squared L2 norm exceeds ``MAX_SQUARED_NORM``
+    (e.g. values near 3e38: finite in float32, but their squared norms and distances are inf,
+    so every distance-based method would score at chance)."""
+    finite = torch.isfinite(features)
+    if not bool(finite.all()):
+        bad = (~finite).reshape(len(features), -1).any(dim=1).nonzero().flatten()[:5].tolist()
+        return f"contain NaN or inf (first bad rows {bad})"
+    if features.numel() == 0:
+        return None
+    flat = features.reshape(len(features), -1)
+    largest = float(flat.abs().max())
+    dim = flat.shape[1]
+    if largest * largest * dim <= MAX_SQUARED_NORM:  # bound on every squared norm
+        return None
+    for start in range(0, len(flat), chunk):
+        sq = flat[start : start + chunk].double().pow(2).sum(dim=1)
+        over = (sq > MAX_SQUARED_NORM).nonzero().flatten()
+        if len(over):
+            row = start + int(over[0])
+            return (
+                f"are too large for float32 arithmetic: row {row} has squared L2 norm "
+                f"{float(sq[over[0]]):.3g} (largest |value| {largest:.3g}, {dim} dims), over the "
+                f"limit {MAX_SQUARED_NORM:.3g}, so squared distances overflow to inf and every "
+                "distance-based score is at chance level"
+            )
+    return None
+
 
 @dataclass
 class LabeledData:
@@ -52,12 +87,16 @@ class LabeledData:
                 raise InputDataError(
                     f"{self.name}: features must be 2-D [N, D], got {tuple(self.features.shape)}"
                 )
-            if not torch.isfinite(self.features).all():
-                bad = (~torch.isfinite(self.features)).any(dim=1).nonzero().flatten()[:5].tolist()
-                raise InputDataError(
-                    f"{self.name}/{self.split}: features contain NaN or inf (first bad rows {bad}); "
+            problem = feature_problem(self.features)
+            if problem is not None:
+                source = f" ({self.meta['source']})" if "source" in self.meta else ""
+                fix = (
                     "recompute the features or drop those rows"
+                    if "NaN" in problem
+                    else "normalise or rescale the features (e.g. L2-normalise each row, or "
+                    "divide by the largest norm) and save them again"
                 )
+                raise InputDataError(f"{self.name}/{self.split}{source}: features {problem}; {fix}")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise InputDataError(
                 f"{self.name}/{self.split}: labels outside 0..{len(self.class_names) - 1}"

@@ -113,6 +113,11 @@ def load_imagefolder(
     if split == "all":
         folder = base
     else:
+        if not split or split in (".", "..") or "/" in split or os.sep in split:
+            raise ProtocolError(
+                f"imagefolder: split {split!r} is not a folder name; a split names one "
+                f"sub-folder of {base} (no '/', not '.' or '..'), or 'all' for {base} itself"
+            )
         folder = base / split
         if not folder.is_dir():
             subs = sorted(

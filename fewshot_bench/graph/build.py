@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,13 +252,19 @@ class BackgroundGraphCache:
         if self.directory is not None:
             path = self.directory / f"bg-{key}.npz"
             if path.exists():
-                with np.load(path) as z:
-                    nb = Neighbors(z["indices"].astype(np.int64), z["sims"].astype(np.float32))
-                    state = {n: z[n] for n in ("centroids", "assign") if n in z.files}
-                    kind = str(z["kind"])
-                self._remember(key, (nb, state, kind))
-                self.hits += 1
-                return nb, state, kind
+                try:
+                    with np.load(path, allow_pickle=False) as z:
+                        nb = Neighbors(z["indices"].astype(np.int64), z["sims"].astype(np.float32))
+                        state = {n: z[n] for n in ("centroids", "assign") if n in z.files}
+                        kind = str(z["kind"])
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+                    path.unlink(
+                        missing_ok=True
+                    )  # damaged or foreign: a miss, rebuilt and rewritten
+                else:
+                    self._remember(key, (nb, state, kind))
+                    self.hits += 1
+                    return nb, state, kind
         self.misses += 1
         return None
 

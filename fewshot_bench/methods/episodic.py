@@ -8,9 +8,8 @@ from the protocol's frozen manifest, never from this sampler.
 
 from __future__ import annotations
 
-import contextlib
+import pickle
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 from fewshot_bench.backbones.nets import Backbone, build_backbone
 from fewshot_bench.errors import FsbenchError, ProtocolError
+from fewshot_bench.runtime import autocast, seeded
 
 
 @dataclass(frozen=True)
@@ -123,15 +123,6 @@ def require_images(source_kind: str, method: str) -> None:
         raise ProtocolError(f"method {method!r} consumes images, but was given {source_kind}")
 
 
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
-    """Run a block with torch's global RNG seeded to ``seed``, restoring the outer state after."""
-    devices = [device] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-        yield
-
-
 def seeded_backbone(
     arch: str, in_channels: int, image_size: int, seed: int, device: torch.device
 ) -> Backbone:
@@ -183,13 +174,6 @@ def embed(
     return torch.cat(outs)
 
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA; a no-op on CPU (mixed precision is for GPUs only)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def step_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, every: int) -> None:
     """Halve the learning rate every ``every`` steps (Snell et al.'s schedule); 0 = constant."""
     lr = base_lr * (0.5 ** (step // every)) if every > 0 else base_lr
@@ -237,6 +221,14 @@ def resolve_steps(budget: int | None, steps: int) -> int:
     return n
 
 
+def _load_problem(exc: Exception) -> str:
+    """Why a weights-only load failed, without torch's advice to retry unsafely."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain values, refused without running them"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 def load_state_file(path: str | Path) -> dict[str, Any]:
     """A state saved by a method's ``state_dict`` (e.g. from the runner's fit cache)."""
     p = Path(path).expanduser()
@@ -247,9 +239,8 @@ def load_state_file(path: str | Path) -> dict[str, Any]:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise FsbenchError(
-            f"init state {p} cannot be read as a saved state ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); save it again with "
-            "`fsbench run ... --save-state FILE`"
+            f"init state {p} cannot be read as a saved state ({_load_problem(exc)}); save it "
+            "again with `fsbench run ... --save-state FILE`"
         ) from None
 
 

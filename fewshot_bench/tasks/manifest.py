@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fewshot_bench.atomic import atomic_path
-from fewshot_bench.errors import ManifestError
-from fewshot_bench.tasks.protocol import Pool, Protocol
+from fewshot_bench.data.tempfiles import owned_temp_path, remove_stale_temps
+from fewshot_bench.errors import ManifestError, ProtocolError
+from fewshot_bench.tasks.protocol import NAME_RULE, Pool, Protocol, is_safe_name
 from fewshot_bench.tasks.sampler import iter_tasks
 from fewshot_bench.tasks.task import TaskIndices
 
@@ -189,13 +189,15 @@ def build_manifest(
 
 
 def save_manifest(manifest: Manifest, path: Path) -> Path:
-    """Write atomically (temp file + rename), so a crash never leaves a half-written manifest."""
+    """Write atomically (temp file + rename), so a crash never leaves a half-written manifest;
+    temporary files that killed writers left in the folder are removed first."""
     if _content_hash(manifest.header, manifest.arrays) != manifest.content_hash:
         raise ManifestError(
             f"refusing to write {path}: its content hash does not match its header and arrays"
         )
     arrays = {k: np.ascontiguousarray(manifest.arrays[k], dtype=np.int64) for k in ARRAY_KEYS}
-    with atomic_path(path, suffix=".npz") as tmp:
+    remove_stale_temps(Path(path).parent)
+    with owned_temp_path(path, suffix=".npz") as tmp:
         np.savez(tmp, header=np.array(json.dumps(manifest.header, sort_keys=True)), **arrays)
     return Path(path)
 
@@ -420,18 +422,46 @@ def check_manifest(
         )
 
 
+def inside(root: Path | str, *parts: str) -> Path:
+    """``root/parts...``, refused (ProtocolError) unless it resolves inside ``root``.
+
+    ``root`` itself is resolved first, so a ``root`` that is a symlink is followed; a part or a
+    symlink below ``root`` that leads out of it is not."""
+    base = Path(root).resolve()
+    path = Path(root).joinpath(*parts)
+    resolved = base.joinpath(*parts).resolve()
+    if not resolved.is_relative_to(base):
+        raise ProtocolError(
+            f"refusing path {path}: it resolves to {resolved}, outside {base}; every file "
+            "fewshot-bench writes for a protocol stays under its workdir"
+        )
+    return path
+
+
 def manifest_dir(workdir: Path | str, protocol: Protocol) -> Path:
-    return Path(workdir) / "manifests" / protocol.name
+    """``<workdir>/manifests/<protocol name>``; the name must be safe and the folder inside."""
+    if not is_safe_name(protocol.name):
+        raise ProtocolError(
+            f"{protocol.source or 'protocol'}: protocol name {protocol.name!r} is not allowed as "
+            f"a folder name: use {NAME_RULE}"
+        )
+    return inside(Path(workdir) / "manifests", protocol.name)
+
+
+def _seed_name(seed: object) -> str:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ProtocolError(f"a seed must be an integer >= 0, got {seed!r}")
+    return f"seed-{int(seed)}.npz"
 
 
 def manifest_path(workdir: Path | str, protocol: Protocol, seed: int) -> Path:
     """Where the sampled task set of (protocol, seed) lives."""
-    return manifest_dir(workdir, protocol) / f"seed-{seed}.npz"
+    return inside(manifest_dir(workdir, protocol), _seed_name(seed))
 
 
 def imported_manifest_path(workdir: Path | str, protocol: Protocol) -> Path:
     """Where the protocol's imported task set lives (one per protocol and workdir)."""
-    return manifest_dir(workdir, protocol) / IMPORTED_NAME
+    return inside(manifest_dir(workdir, protocol), IMPORTED_NAME)
 
 
 def get_manifest(protocol: Protocol, pool: Pool, seed: int, workdir: Path | str) -> Manifest:
@@ -440,6 +470,7 @@ def get_manifest(protocol: Protocol, pool: Pool, seed: int, workdir: Path | str)
     A stored one is read (content hash, layout), checked against protocol and data and
     re-derived (``check_manifest``). Ignores an imported task set: see ``load_task_sets``."""
     path = manifest_path(workdir, protocol, seed)
+    remove_stale_temps(path.parent)
     if path.exists():
         manifest = read_manifest(path)
         if manifest.source != SAMPLED:
@@ -457,6 +488,7 @@ def get_manifest(protocol: Protocol, pool: Pool, seed: int, workdir: Path | str)
 def load_imported(protocol: Protocol, pool: Pool, workdir: Path | str) -> Manifest:
     """Read and check the protocol's imported task set."""
     path = imported_manifest_path(workdir, protocol)
+    remove_stale_temps(path.parent)
     manifest = read_manifest(path)
     if not manifest.imported:
         raise ManifestError(

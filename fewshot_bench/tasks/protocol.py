@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,22 @@ EPISODE_DEFAULTS: dict[str, Any] = {
     "split_seed": 0,
 }
 RUN_DEFAULTS: dict[str, Any] = {"seeds": [0], "backbone": "pixels", "top5": False}
+
+#: What a protocol name may be: it names the folder ``<workdir>/manifests/<name>/``.
+NAME_RULE = (
+    "1-128 characters from letters, digits, '-', '_' and '.', not starting with '.' and "
+    "without '..' (it names the folder <workdir>/manifests/<name>/)"
+)
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+#: The tables of a protocol file, with an example of each (for errors on a wrongly typed one).
+_TABLE_EXAMPLES = {
+    "dataset": '[dataset] on its own line, then name = "omniglot" and splits = ["test"] below it',
+    "episodes": "[episodes] on its own line, then n_way = 5, k_shot = 1 ... below it",
+    "ssl": '[ssl] on its own line, then labeled_split = "train", query_split = "test", '
+    "n_labels = [250] below it",
+    "run": "[run] on its own line, then seeds = [0, 1, 2] below it",
+    "options": 'options = { path = "features.npz" } inside [dataset]',
+}
 
 
 def builtin_protocol_dir() -> Path:
@@ -99,6 +117,81 @@ class Protocol:
         return f"{ds}: {amount} (balanced) from {p['labeled_split']}, query {p['query_split']}"
 
 
+def is_safe_name(name: object) -> bool:
+    """Whether ``name`` may name a file or folder: see ``NAME_RULE``."""
+    return isinstance(name, str) and bool(_NAME_RE.fullmatch(name)) and ".." not in name
+
+
+def check_name(name: object, source: str, what: str = "protocol name") -> str:
+    """``name`` if it is a safe file/folder name (``NAME_RULE``), else a one-line ProtocolError."""
+    if not is_safe_name(name):
+        raise ProtocolError(f"{source}: {what} {name!r} is not allowed: use {NAME_RULE}")
+    return str(name)
+
+
+def _table(doc: dict, key: str, source: str, where: str = "") -> dict:
+    """``doc[key]`` (``{}`` when absent) if it is a TOML table, else a ProtocolError saying how."""
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        example = _TABLE_EXAMPLES.get(key, f"[{key}] with its keys below it")
+        if key == "dataset" and isinstance(value, str):
+            example = example.replace('"omniglot"', json.dumps(value))
+        raise ProtocolError(
+            f"{source}: {where}{key} = {_shown(value)} must be a table, not "
+            f"{_with_article(_toml_type(value))}: "
+            f"write {example}"
+        )
+    return dict(value)
+
+
+def _shown(value: object) -> str:
+    """A value as TOML would spell it (near enough for an error message)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, int, float, list)):
+        try:
+            return json.dumps(value)
+        except (TypeError, ValueError):
+            pass
+    return repr(value)
+
+
+def _with_article(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+def _toml_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return {str: "string", int: "integer", float: "number", list: "list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _string(value: object, key: str, source: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(
+            f"{source}: {key} must be a string (in quotes), got {_toml_type(value)} {value!r}"
+        )
+    return value
+
+
+def _number_list(value: object, key: str, source: str, example: str) -> list:
+    """A list of numbers; a single number is taken as a one-element list."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+    ):
+        raise ProtocolError(
+            f"{source}: [ssl] {key} must be a non-empty list of numbers, e.g. {key} = {example}, "
+            f"got {value!r}"
+        )
+    return value
+
+
 def _check_keys(table: dict, allowed: set[str], where: str, source: str) -> None:
     unknown = set(table) - allowed
     if unknown:
@@ -110,7 +203,12 @@ def _check_keys(table: dict, allowed: set[str], where: str, source: str) -> None
 def _positive_int(value: Any, key: str, source: str, *, zero_ok: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
         bound = ">= 0" if zero_ok else ">= 1"
-        raise ProtocolError(f"{source}: {key} must be an integer {bound}, got {value!r}")
+        hint = ""
+        if isinstance(value, str):
+            hint = " (a string: write the number without quotes)"
+        elif isinstance(value, float) and value.is_integer():
+            hint = f" (write {int(value)}, without the decimal point)"
+        raise ProtocolError(f"{source}: {key} must be an integer {bound}, got {value!r}{hint}")
     return value
 
 
@@ -123,8 +221,8 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
     )
     if "name" not in doc or "dataset" not in doc:
         raise ProtocolError(f"{source}: a protocol needs `name` and a [dataset] table")
-    name = str(doc["name"])
-    dataset = dict(doc["dataset"])
+    name = check_name(doc["name"], source)
+    dataset = _table(doc, "dataset", source)
     _check_keys(
         dataset, {"name", "splits", "image_size", "fit_split", "options"}, "dataset", source
     )
@@ -132,6 +230,13 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
         raise ProtocolError(
             f"{source}: [dataset] needs `name` and `splits` (a list of split names)"
         )
+    _string(dataset["name"], "[dataset] name", source)
+    if "fit_split" in dataset:
+        _string(dataset["fit_split"], "[dataset] fit_split", source)
+    if "image_size" in dataset:
+        _positive_int(dataset["image_size"], "[dataset] image_size", source)
+    if "options" in dataset:
+        dataset["options"] = _table(dataset, "options", source, "[dataset] ")
     if isinstance(dataset["splits"], str):
         dataset["splits"] = [dataset["splits"]]
     splits = dataset["splits"]
@@ -146,13 +251,24 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
             "once (the pool would hold those items twice, so one image could be support and query); "
             "list each split once"
         )
-    run = {**RUN_DEFAULTS, **doc.get("run", {})}
+    run = {**RUN_DEFAULTS, **_table(doc, "run", source)}
     _check_keys(run, set(RUN_DEFAULTS), "run", source)
-    if not run["seeds"] or not all(isinstance(s, int) and s >= 0 for s in run["seeds"]):
-        raise ProtocolError(f"{source}: [run] seeds must be a non-empty list of integers >= 0")
+    seeds = run["seeds"]
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise ProtocolError(
+            f"{source}: [run] seeds must be a non-empty list of integers >= 0, e.g. "
+            f"seeds = [0, 1, 2], got {seeds!r}"
+        )
+    _string(run["backbone"], "[run] backbone", source)
+    if not isinstance(run["top5"], bool):
+        raise ProtocolError(f"{source}: [run] top5 must be true or false, got {run['top5']!r}")
     common = {
-        "description": str(doc.get("description", "")),
-        "reference": str(doc.get("reference", "")),
+        "description": _string(doc.get("description", ""), "description", source),
+        "reference": _string(doc.get("reference", ""), "reference", source),
         "dataset": dataset,
         "run": run,
         "family": name,
@@ -162,21 +278,25 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
     if has_ep == has_ssl:
         raise ProtocolError(f"{source}: give exactly one of [episodes] or [ssl]")
     if has_ep:
-        params = {**EPISODE_DEFAULTS, **doc["episodes"]}
+        params = {**EPISODE_DEFAULTS, **_table(doc, "episodes", source)}
         _check_keys(params, set(EPISODE_DEFAULTS), "episodes", source)
         for key in ("n_way", "k_shot", "n_tasks"):
             _positive_int(params[key], key, source)
         for key in ("n_query", "n_unlabeled", "n_distractor", "split_seed"):
             _positive_int(params[key], key, source, zero_ok=True)
         frac = params["labeled_fraction"]
-        if not isinstance(frac, (int, float)) or not 0.0 < float(frac) <= 1.0:
+        if (
+            isinstance(frac, bool)
+            or not isinstance(frac, (int, float))
+            or not 0.0 < float(frac) <= 1.0
+        ):
             raise ProtocolError(f"{source}: labeled_fraction must be in (0, 1], got {frac!r}")
         params["labeled_fraction"] = float(frac)
         if params["n_query"] == 0:
             raise ProtocolError(f"{source}: n_query must be >= 1 (queries are what gets scored)")
         return [
             Protocol(
-                name=name,
+                name=check_name(name, source),
                 kind="episodic",
                 params=params,
                 x_value=float(params["k_shot"]),
@@ -184,7 +304,7 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
                 **common,
             )
         ]
-    ssl = dict(doc["ssl"])
+    ssl = _table(doc, "ssl", source)
     _check_keys(ssl, {"labeled_split", "query_split", "n_labels", "label_fraction"}, "ssl", source)
     for key in ("labeled_split", "query_split"):
         if ssl.get(key) not in dataset["splits"]:
@@ -203,8 +323,8 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
         )
     out = []
     if "n_labels" in ssl:
-        for n in ssl["n_labels"]:
-            _positive_int(n, "n_labels entries", source)
+        for n in _number_list(ssl["n_labels"], "n_labels", source, "[250, 4000]"):
+            _positive_int(n, "[ssl] n_labels entries", source)
             params = {
                 "labeled_split": ssl["labeled_split"],
                 "query_split": ssl["query_split"],
@@ -212,7 +332,7 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
             }
             out.append(
                 Protocol(
-                    name=f"{name}-{n}",
+                    name=check_name(f"{name}-{n}", source, "protocol name (with its n_labels)"),
                     kind="ssl",
                     params=params,
                     x_value=float(n),
@@ -221,8 +341,8 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
                 )
             )
     else:
-        for frac in ssl["label_fraction"]:
-            if not isinstance(frac, (int, float)) or not 0.0 < frac < 1.0:
+        for frac in _number_list(ssl["label_fraction"], "label_fraction", source, "[0.01, 0.1]"):
+            if not 0.0 < frac < 1.0:
                 raise ProtocolError(
                     f"{source}: label_fraction entries must be in (0, 1), got {frac!r}"
                 )
@@ -234,7 +354,7 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
             pct = f"{100 * frac:g}pct"
             out.append(
                 Protocol(
-                    name=f"{name}-{pct}",
+                    name=check_name(f"{name}-{pct}", source, "protocol name (with its fraction)"),
                     kind="ssl",
                     params=params,
                     x_value=100 * float(frac),
@@ -249,17 +369,20 @@ def load_protocol_file(path: str | Path) -> list[Protocol]:
     """Parse one TOML protocol file into its concrete protocols (an SSL sweep gives several)."""
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ProtocolError(f"protocol file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProtocolError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{path}: not UTF-8 text (a protocol is a TOML file)") from None
+    except OSError as exc:
+        raise ProtocolError(f"protocol file {path} cannot be read ({exc.strerror})") from None
     return _parse(doc, str(path))
 
 
 def protocol_dirs() -> list[Path]:
-    import os
-
+    """``$FSBENCH_PROTOCOLS`` folders, then the built-in ``episodes/``."""
     dirs = [Path(p) for p in os.environ.get(PROTOCOL_DIR_ENV, "").split(os.pathsep) if p]
     return [*dirs, builtin_protocol_dir()]
 
