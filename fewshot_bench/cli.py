@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 
@@ -43,6 +42,17 @@ def _add_plugin(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_method_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method-config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help='TOML file of [[method]] tables (name = "..." and parameters), e.g. one written '
+        "by `fsbench tune`; repeat for several",
+    )
+
+
 def _add_executor(p: argparse.ArgumentParser, default: str | None = "serial") -> None:
     from fewshot_bench.run.executor import EXECUTORS
 
@@ -69,20 +79,10 @@ def _add_executor(p: argparse.ArgumentParser, default: str | None = "serial") ->
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value,key=value`` (values parsed as Python literals when possible)."""
-    name, _, rest = spec.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise FsbenchError(
-                f"bad method parameter {item!r} in {spec!r}; write name:key=value,key=value"
-            )
-        try:
-            params[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            params[key.strip()] = value.strip()
-    return name.strip(), params
+    """``name`` or ``name:key=value,...`` (see :func:`fewshot_bench.methods.params.parse_method_spec`)."""
+    from fewshot_bench.methods.params import parse_method_spec as parse
+
+    return parse(spec)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -93,12 +93,44 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from fewshot_bench.data import download_dataset
+def _downloadable() -> list[str]:
+    """Names of the datasets whose files `fsbench download` can fetch."""
+    from fewshot_bench.data import available_datasets
 
-    for name in args.dataset:
-        download_dataset(name, args.data_root)
-        print(f"{name}: ready under {args.data_root or '$FSBENCH_DATA / default root'}")
+    return [n for n, info in available_datasets().items() if info.downloader is not None]
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    import difflib
+
+    from fewshot_bench.data import data_root, download_dataset
+    from fewshot_bench.data.registry import get_info
+    from fewshot_bench.errors import ProtocolError
+
+    names = _downloadable()
+    infos = []
+    for name in args.dataset:  # every name is checked before anything is fetched
+        try:
+            info = get_info(name)
+        except ProtocolError:
+            close = difflib.get_close_matches(name.lower(), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise FsbenchError(
+                f"unknown dataset {name!r}; {hint}downloadable datasets: {', '.join(names)}"
+            ) from None
+        if info.downloader is None:
+            raise FsbenchError(
+                f"{info.name} has nothing to download ({info.how_to_get}); downloadable "
+                f"datasets: {', '.join(names)}"
+            )
+        infos.append(info)
+    _output_folder("--data-root" if args.data_root else "data root", data_root(args.data_root))
+    for info in dict.fromkeys(infos):
+        try:
+            root = download_dataset(info.name, args.data_root)
+        except OSError as exc:
+            raise _cannot_write("--data-root folder", exc) from None
+        print(f"{info.name}: ready under {root}")
     return 0
 
 
@@ -114,10 +146,27 @@ def cmd_protocols(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from fewshot_bench.methods import available_methods
+    from fewshot_bench.methods.params import describe_schema
+    from fewshot_bench.run.worker import load_plugin
 
-    for name, cls in available_methods().items():
-        params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items())
-        print(f"{name:24s} {cls.consumes:8s} {cls.setting:15s} {params}")
+    for ref in args.plugin:
+        load_plugin(ref)
+    methods = available_methods()
+    if args.name is None:
+        for name, cls in methods.items():
+            print(
+                f"{name:24s} {cls.consumes:8s} {cls.setting:15s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}"
+            )
+        print("\n`fsbench methods NAME` shows a method's parameters.")
+        return 0
+    if args.name not in methods:
+        raise FsbenchError(f"unknown method {args.name!r}; available: {', '.join(methods)}")
+    cls = methods[args.name]
+    print(f"{args.name}: consumes {cls.consumes}, setting {cls.setting}")
+    if cls.__doc__:
+        print("  " + " ".join(cls.__doc__.strip().split("\n\n")[0].split()))
+    print("parameters (-m NAME:key=value,... or [[method]] tables in --method-config FILE):")
+    print("\n".join(describe_schema(cls.schema)))
     return 0
 
 
@@ -125,11 +174,34 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fewshot_bench.tasks.external import export_episodes, import_task_set
-    from fewshot_bench.tasks.manifest import load_task_sets
+    from fewshot_bench.tasks.manifest import imported_manifest_path, load_task_sets
     from fewshot_bench.tasks.protocol import load_pool, resolve_protocols
     from fewshot_bench.tasks.task import task_truth
 
-    for proto in resolve_protocols(args.protocol):
+    _at_least("--show", args.show, 0)
+    for seed in args.seeds or []:
+        _at_least("--seeds", seed, 0)
+    if args.import_file and not Path(args.import_file).is_file():
+        raise FsbenchError(
+            f"--import {args.import_file}: no such file; give the path of a JSON Lines "
+            "episodes file"
+        )
+    protos = resolve_protocols(args.protocol)
+    exports: dict[Path, list[str]] = {}  # every --export file, checked before any work
+    for proto in protos if args.export else []:
+        imported = args.import_file or imported_manifest_path(args.workdir, proto).exists()
+        for seed in [0] if imported else args.seeds or proto.run["seeds"]:
+            out = _output_file("--export", _export_path(args.export, proto.name, seed))
+            exports.setdefault(out, []).append(f"{proto.name} seed {seed}")
+    for out, sets in exports.items():
+        if len(sets) > 1:
+            print(
+                f"fsbench: note: --export {out} is written for {len(sets)} task sets in turn, "
+                f"so it ends up holding only the last ({sets[-1]}); put {{protocol}} and "
+                "{seed} in the name to keep each, e.g. {protocol}-{seed}.jsonl",
+                file=sys.stderr,
+            )
+    for proto in protos:
         pool = load_pool(proto, args.data_root, download=args.download)
         if args.import_file:
             path = import_task_set(args.import_file, proto, pool, args.workdir, force=args.force)
@@ -162,21 +234,37 @@ def cmd_episodes(args: argparse.Namespace) -> int:
                     f"support[:5]={np.asarray(t.support[:5]).tolist()}"
                 )
             if args.export:
-                out = Path(str(args.export).format(protocol=proto.name, seed=seed))
-                if not out.parent.is_dir():
-                    raise FsbenchError(f"--export {out}: folder {out.parent} does not exist")
-                export_episodes(manifest, out, pool, item_ids=args.item_ids)
+                out = _output_file("--export", _export_path(args.export, proto.name, seed))
+                try:
+                    export_episodes(manifest, out, pool, item_ids=args.item_ids)
+                except OSError as exc:
+                    raise _cannot_write("--export file", exc) from None
                 print(f"  exported to {out}")
     return 0
 
 
+def _export_path(template: str, protocol: str, seed: int) -> Path:
+    """The ``--export`` file of one task set: ``template`` with {protocol} and {seed} filled in."""
+    try:
+        return Path(str(template).format(protocol=protocol, seed=seed))
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise FsbenchError(
+            f"--export {template}: cannot fill in the name ({type(exc).__name__}: {exc}); only "
+            "{protocol} and {seed} expand (write {{ and }} for literal braces)"
+        ) from None
+
+
 def _method_specs(args: argparse.Namespace) -> list:
+    from fewshot_bench.methods.params import load_method_config
     from fewshot_bench.run.executor import MethodSpec
 
-    specs = []
-    for spec in args.method:
-        name, params = parse_method_spec(spec)
-        specs.append(MethodSpec(name, params))
+    specs = [MethodSpec(*parse_method_spec(spec)) for spec in args.method or []]
+    for path in getattr(args, "method_config", None) or []:
+        specs += [MethodSpec(name, params) for name, params in load_method_config(path)]
+    if not specs:
+        raise FsbenchError(
+            "name at least one method: -m NAME[:key=value,...] or --method-config FILE"
+        )
     return specs
 
 
@@ -188,6 +276,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         raise FsbenchError(f"--seeds must be integers >= 0, got {args.seeds}")
     check_counts(args.batch_size, args.max_tasks)  # before anything is created on disk
+    _at_least("--jobs", args.jobs, 1)
+    _at_least("--budget", args.budget, 0)
+    if args.save_state is not None:  # checked now, not after the training it would keep
+        _output_file("--save-state", args.save_state)
     specs = _method_specs(args)
     # serial: the shared worker process; processes / ray: closed when the run ends
     executor = make_executor(
@@ -251,6 +343,7 @@ def _run_on(args: argparse.Namespace, specs: list, executor, device) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fewshot_bench.run.sweep import load_sweep, run_sweep, sweep_status
 
+    _at_least("--jobs", args.jobs, 1)
     overrides = {"workdir": args.workdir, "data_root": args.data_root}
     if args.status:
         if args.executor or args.jobs or args.address:
@@ -271,6 +364,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if args.tasks < 1:
         raise FsbenchError(f"--tasks must be >= 1, got {args.tasks}")
+    _at_least("--budget", args.budget, 0)
+    _at_least("--seed", args.seed, 0)
     executor = shared_executor(tuple(args.plugin))
     flagged = False
     for proto in resolve_protocols(args.protocol):
@@ -330,6 +425,40 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    store = args.workdir / "results.sqlite"
+    if args.all == bool(args.protocol):
+        raise FsbenchError("give a protocol or family name, or --all (not both)")
+    if args.name is not None and not args.name.strip():
+        raise FsbenchError("--name must not be empty")
+    if args.name is not None and (
+        "/" in args.name or "\\" in args.name or args.name.strip() in (".", "..")
+    ):
+        raise FsbenchError(
+            f"--name {args.name!r} must be a plain file name (no folders); use --out for the folder"
+        )
+    if args.all and args.name:
+        raise FsbenchError("--name names a group page of the protocols given; not with --all")
+    if len(args.protocol) > 1 and not args.name:
+        raise FsbenchError(
+            f"{len(args.protocol)} protocols given: name their group page with --name, e.g. "
+            f"`fsbench leaderboard {' '.join(args.protocol)} --name NAME` (writes NAME.md/.csv/.tex)"
+        )
+    _output_folder("--out", args.out)
+    # Everything comes from the store (read-only): names are the protocols and families its
+    # rows record, never looked up in protocol files.
+    df = _stored_results(store, args.protocol)
+    fam_of = _known_families(df)
+    try:
+        paths = _write_pages(args, df, fam_of)
+    except OSError as exc:
+        raise _cannot_write("--out folder", exc) from None
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _write_pages(args: argparse.Namespace, df, fam_of: dict[str, str]) -> list[Path]:
+    """The leaderboard pages `fsbench leaderboard` asked for, written under ``args.out``."""
     from fewshot_bench.report import (
         family_protocols,
         write_all,
@@ -339,22 +468,6 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     )
     from fewshot_bench.report.cards import reported_by_protocol
 
-    store = args.workdir / "results.sqlite"
-    if args.all == bool(args.protocol):
-        raise FsbenchError("give a protocol or family name, or --all (not both)")
-    if args.name is not None and not args.name.strip():
-        raise FsbenchError("--name must not be empty")
-    if args.all and args.name:
-        raise FsbenchError("--name names a group page of the protocols given; not with --all")
-    if len(args.protocol) > 1 and not args.name:
-        raise FsbenchError(
-            f"{len(args.protocol)} protocols given: name their group page with --name, e.g. "
-            f"`fsbench leaderboard {' '.join(args.protocol)} --name NAME` (writes NAME.md/.csv/.tex)"
-        )
-    # Everything comes from the store (read-only): names are the protocols and families its
-    # rows record, never looked up in protocol files.
-    df = _stored_results(store, args.protocol)
-    fam_of = _known_families(df)
     if args.name:
         # a group page: one column per protocol in the order given (families expand in place,
         # by budget); a name without results is an empty column ("No results yet")
@@ -385,9 +498,44 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             paths = write_family(df, spec, args.out, reported)
         else:
             paths = write_leaderboards(df, args.out, names, reported=reported)
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    return paths
+
+
+def _at_least(flag: str, value: int | None, low: int) -> None:
+    """An error unless ``value`` is None (not given) or an integer >= ``low``."""
+    if value is not None and value < low:
+        raise FsbenchError(f"{flag} must be an integer >= {low}, got {value}")
+
+
+def _output_file(flag: str, path: Path) -> Path:
+    """``path``, when a file can be written there: it is no folder and its folder exists."""
+    if path.is_dir():
+        raise FsbenchError(
+            f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'NAME'}"
+        )
+    if not path.parent.is_dir():
+        raise FsbenchError(
+            f"{flag} {path}: folder {path.parent} does not exist; create it first "
+            f"(mkdir -p {path.parent}) or name a file in an existing folder"
+        )
+    return path
+
+
+def _output_folder(flag: str, path: Path) -> Path:
+    """``path``, when it is a folder or can be made one (with its parents): no file is in the way."""
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = f"{flag} {path}" + ("" if blocker == path else f": {blocker}")
+        raise FsbenchError(f"{what} is a file, not a folder; give a folder to write into")
+    return path
+
+
+def _cannot_write(flag: str, exc: OSError) -> FsbenchError:
+    """The error for an output that could not be written (permissions, full disk, ...)."""
+    return FsbenchError(
+        f"cannot write {exc.filename or 'the output'} ({exc.strerror or exc}); pass a {flag} "
+        "you can write to"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,12 +548,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datasets", help="list dataset loaders and their splits")
     p.set_defaults(func=cmd_datasets)
 
+    downloadable = ", ".join(_downloadable())
+    p = sub.add_parser(
+        "download",
+        help=f"fetch and checksum-verify datasets into the data root ({downloadable})",
+        description=f"Fetch datasets and verify their checksums. Downloadable: {downloadable}. "
+        "Others (imagefolder, features) read files you already have: see `fsbench datasets`.",
+    )
+    p.add_argument("dataset", nargs="+", metavar="DATASET", help=f"one or more of: {downloadable}")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder to download into (default: $FSBENCH_DATA or ~/.cache/fewshot-bench/data)",
+    )
+    p.set_defaults(func=cmd_download)
+
     p = sub.add_parser(
         "protocols", help="list benchmark protocols (episodes/*.toml and $FSBENCH_PROTOCOLS)"
     )
     p.set_defaults(func=cmd_protocols)
 
-    p = sub.add_parser("methods", help="list registered methods (built-in and plugins)")
+    p = sub.add_parser(
+        "methods", help="list registered methods (built-in and plugins), or one method's parameters"
+    )
+    p.add_argument("name", nargs="?", default=None, help="show this method's typed parameters")
+    _add_plugin(p)
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser(
@@ -442,9 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         "-m",
         action="append",
-        required=True,
-        help="method name, optionally name:key=value,... (repeat for several)",
+        help="method name, optionally name:key=value,... with TOML values, e.g. "
+        "diffusion:k=20,prior=[0.2,0.8] (repeat for several; `fsbench methods NAME` lists them)",
     )
+    _add_method_config(p)
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the protocol's)")
     p.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."
@@ -495,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predictions depend on order, and stored rows that do not reproduce",
     )
     p.add_argument("protocol", help="protocol name, family name or path to a .toml file")
-    p.add_argument("--method", "-m", action="append", required=True, help="as for `run`")
+    p.add_argument("--method", "-m", action="append", help="as for `run`")
+    _add_method_config(p)
     p.add_argument("--backbone", default=None, help="as for `run`")
     p.add_argument("--budget", type=int, default=None, help="as for `run`")
     p.add_argument("--seed", type=int, default=None, help="which seed's tasks (default: first)")
@@ -549,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=Path("leaderboards"),
-        help="output folder (default: leaderboards/)",
+        help="output folder, created if missing (default: leaderboards/)",
     )
     _add_common(p, data=False)
     p.set_defaults(func=cmd_leaderboard)

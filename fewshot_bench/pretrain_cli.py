@@ -24,8 +24,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         knn_accuracy,
         load_source,
         pretrain,
-        resolve_device,
     )
+    from fewshot_bench.runtime import resolve_device
 
     cfg = PretrainConfig(
         dataset=args.dataset,

@@ -39,7 +39,7 @@ class PositionOnly(Method):
     """Never looks at an image: predicts from the query's position alone."""
 
     consumes = "images"
-    setting = "inductive"
+    setting = "transductive"  # the most a method can get: every query at once
 
     def predict(self, task, ctx):
         return _by_position(task.query.shape[0], task.n_way)
@@ -50,7 +50,7 @@ class _AnswerHunter(Method):
     from position when it finds nothing."""
 
     consumes = "features"
-    setting = "inductive"
+    setting = "transductive"  # the most a method can get: every query at once
 
     def find_labels(self, task, ctx, n_query: int, n_way: int):
         raise NotImplementedError
@@ -147,7 +147,7 @@ class StoreForger(Method):
     runner skips those tasks as "already stored"; and overwrites every cached feature file."""
 
     consumes = "features"
-    setting = "inductive"
+    setting = "transductive"  # the most a method can get: every query at once
 
     def predict_batch(self, tasks, ctxs):
         import os

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fewshot_bench.methods import Method, register_method
+from fewshot_bench.methods.params import Param
 from fewshot_bench.methods.simple import NearestPrototype
 
 
@@ -50,17 +51,64 @@ class Inspector(Method):
 class SlowPrototype(NearestPrototype):
     """Nearest prototype that sleeps ``$FSBENCH_TEST_DELAY`` seconds per batch."""
 
-    def predict_batch(self, tasks, ctxs):
+    def fit_tasks(self, tasks, ctxs):
         time.sleep(float(os.environ.get("FSBENCH_TEST_DELAY", "0")))
-        return super().predict_batch(tasks, ctxs)
+        return super().fit_tasks(tasks, ctxs)
 
 
 @register_method("file-scaled")
 class FileScaled(NearestPrototype):
     """Nearest prototype whose parameter names a file (like ``init=`` of trained methods)."""
 
-    defaults = {"normalize": True, "weights": ""}
+    schema = {**NearestPrototype.schema, "weights": Param("", "a file holding a scale")}
 
-    def predict_batch(self, tasks, ctxs):
+    def fit_tasks(self, tasks, ctxs):
         scale = float(Path(self.params["weights"]).read_text()) if self.params["weights"] else 1.0
-        return [s * scale for s in super().predict_batch(tasks, ctxs)]
+        scorers = super().fit_tasks(tasks, ctxs)
+        return [lambda q, s=s: s(q) * scale for s in scorers]
+
+
+@register_method("contract-probe")
+class ContractProbe(Method):
+    """Reports what each call held: scores ``[queries in the call, unlabeled items, on the
+    task's device]`` per query (``setting`` chooses what the runner gives it)."""
+
+    consumes = "features"
+    schema = {
+        "setting": Param(
+            "inductive", "what to ask for", choices=("inductive", "semi-supervised", "transductive")
+        ),
+        "bad_shape": Param(False, "return two rows per query (a broken scorer)"),
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.setting = self.params["setting"]
+
+    def _report(self, task, query, ctx):
+        on_device = all(t.device == ctx.device for t in (task.support, task.unlabeled, query))
+        row = torch.tensor(
+            [float(query.shape[0]), float(task.unlabeled.shape[0]), float(on_device)]
+        )
+        rows = 2 if self.params["bad_shape"] else query.shape[0]
+        return row.repeat(rows, 1)
+
+    def fit_task(self, task, ctx):
+        assert task.query.shape[0] == 0  # adaptation never sees a query
+        return lambda query: self._report(task, query, ctx)
+
+    def predict(self, task, ctx):
+        return self._report(task, task.query, ctx)
+
+
+@register_method("joint-query-ranker")
+class JointQueryRanker(Method):
+    """Hostile: claims to be inductive but labels each query by its rank (by norm) among the
+    queries it receives at once."""
+
+    consumes = "features"
+    setting = "inductive"
+
+    def predict(self, task, ctx):
+        rank = task.query.norm(dim=1).argsort().argsort()
+        return torch.nn.functional.one_hot(rank % task.n_way, task.n_way).float()

@@ -134,7 +134,7 @@ def test_logistic_regression_is_the_l2_optimum(digits, way, shot):
     task = episode(x, y, 7, way, shot, 5, 0)
     sup = F.normalize(task.support.double(), dim=1)
     labels = task.support_labels
-    z, _ = span_coordinates(sup[None], sup[None])
+    z, _ = span_coordinates(sup[None])
     newton = (z.shape[2] + 1) * way <= NEWTON_MAX_PARAMS
     assert newton == (shot < 30)  # both paths are covered
     if newton:

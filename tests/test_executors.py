@@ -52,7 +52,7 @@ TRAINER = textwrap.dedent('''
     @register_method("scaled-prototype")
     class ScaledPrototype(Method):
         consumes = "features"
-        setting = "inductive"
+        setting = "transductive"  # scores whole tasks with predict_batch
         defaults = {"salt": ""}
 
         def fit(self, source, budget, ctx):
@@ -81,7 +81,7 @@ TRAINER = textwrap.dedent('''
         """Scores two chunks, then fails (a bug in a method)."""
 
         consumes = "features"
-        setting = "inductive"
+        setting = "transductive"
         calls = 0
 
         def predict_batch(self, tasks, ctxs):

@@ -49,13 +49,13 @@ def _run(proto, spec, workdir, pool, executor, **kw):
 
 def test_rows_describe_themselves(tmp_path, pool, executor):
     proto = load_protocol_file(write_protocol(tmp_path))[0]
-    _run(proto, MethodSpec("nearest-prototype", {"normalize": False}), tmp_path, pool, executor)
+    _run(proto, MethodSpec("nearest-prototype", {"normalize": "none"}), tmp_path, pool, executor)
     df = load_results(tmp_path / "results.sqlite")
     assert len(df) == N_TASKS
     row = df.iloc[0]
     assert row.family == "omni-prov" and row.task_source == "sampled"
     assert len(row.manifest_hash) >= 16 and len(row.code_fingerprint) == 16
-    assert json.loads(row.params) == {"normalize": False}
+    assert json.loads(row.params) == {"normalize": "none"}
     assert row.data_fingerprint == pool.fingerprint()
     assert row.hardware and row.package_version
 

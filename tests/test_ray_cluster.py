@@ -167,6 +167,7 @@ def test_sweep_on_a_two_node_cluster_survives_a_killed_worker(cluster, shared_da
         assert len({node for _, node in workers}) == 2, "one worker on each node"
         while count_rows(db) < 12 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
+        assert proc.poll() is None, "the sweep ended before the kill:\n" + "".join(err_lines)
         os.kill(int(workers[0][0]), signal.SIGKILL)
         at_kill = count_rows(db)
         assert 12 <= at_kill < total, f"the kill landed after {at_kill} rows"

@@ -3,7 +3,7 @@
 ``pretrain(config, out)`` trains ``config.arch`` with ``config.objective`` (``ce``, ``nca`` or
 ``instance``, see ``objectives``) on one dataset split and writes a checkpoint to ``out`` every
 ``checkpoint_every`` steps, at the end, and on Ctrl-C. ``resume=True`` continues from ``out``:
-weights, optimizer, AMP scaler, memory bank, step and loss history are restored, and because
+weights, optimizer, memory bank, step and loss history are restored, and because
 every random draw of step ``t`` (the epoch permutation it falls in, its augmentation, its NCE
 noise) comes from a ``torch.Generator`` seeded by ``(seed, t)`` alone, a resumed run on CPU
 reproduces an uninterrupted one bit for bit. (On CUDA cuDNN kernels may differ in the last bits.)
@@ -11,7 +11,7 @@ reproduces an uninterrupted one bit for bit. (On CUDA cuDNN kernels may differ i
 Budgets are steps, not epochs, so CPU runs use short budgets and GPU runs the papers' ones.
 The learning rate follows a cosine schedule over ``steps`` (after optional linear warm-up);
 it is a function of the step only, so raising ``steps`` on resume simply extends the schedule.
-AMP (``torch.autocast`` float16 + ``GradScaler``) is used on CUDA only; objectives and the
+AMP (bfloat16 autocast, :func:`fewshot_bench.runtime.autocast`) is used on CUDA only; objectives and the
 memory bank stay in float32.
 """
 
@@ -39,6 +39,7 @@ from fewshot_bench.backbones.objectives import (
 )
 from fewshot_bench.data.base import LabeledData
 from fewshot_bench.errors import FsbenchError, InputDataError, ProtocolError
+from fewshot_bench.runtime import autocast, resolve_device
 
 DEFAULT_LR = {"ce": 0.1, "nca": 0.1, "instance": 0.03}
 DEFAULT_AUGMENT = {"ce": "none", "nca": "none", "instance": "strong"}
@@ -155,20 +156,6 @@ def learning_rate(cfg: PretrainConfig, step: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU."""
-    if isinstance(spec, torch.device):
-        return spec
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FsbenchError(
-            f"--device {spec}: no CUDA device is available; use --device cpu or auto"
-        )
-    return device
-
-
 def load_source(cfg: PretrainConfig, data_root: str | Path | None = None) -> LabeledData:
     """The configured dataset split as images (the pretraining source)."""
     from fewshot_bench.data import load_dataset
@@ -279,7 +266,6 @@ def pretrain(
     model, objective = model.to(device), objective.to(device)
     optimizer = _make_optimizer(cfg, [*model.parameters(), *objective.parameters()])
     use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start, history, wall_before = 0, [], 0.0
 
     if resume and out.exists():
@@ -288,8 +274,6 @@ def pretrain(
         model.load_state_dict(saved["state_dict"])
         objective.load_state_dict(saved["objective_state"])
         optimizer.load_state_dict(saved["optimizer"])
-        if saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
         start, history = int(saved["step"]), list(saved["history"])
         wall_before = float(saved.get("wall_seconds", 0.0))
     elif objective.uses_memory:
@@ -313,7 +297,6 @@ def pretrain(
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "objective_state": {k: v.detach().cpu() for k, v in objective.state_dict().items()},
                 "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if use_amp else None,
                 "config": asdict(cfg),
                 "data": info,
                 "history": history,
@@ -357,13 +340,12 @@ def pretrain(
             x = augment(to_unit_range(images[idx]), gen, spec)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with autocast(device, use_amp):
                 feats = model(x)
             loss = objective(feats.float(), labels[idx], idx, gen)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss.backward()
+            optimizer.step()
             objective.after_step()
             pending.append(loss.detach())
             step += 1

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from fewshot_bench.errors import ProtocolError
+from fewshot_bench.methods.params import Schema, schema_from_defaults, validate
 from fewshot_bench.tasks.task import Task
 
 CONSUMES = ("features", "images")
@@ -47,33 +48,47 @@ class FitSource:
     class_names: list[str]
 
 
+#: Scores one query (``[1, D...]``) or a few (``[n, D...]``): ``[n, n_way]``.
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Method:
-    """Base class: subclass, set ``consumes``/``setting``/``defaults``, implement ``predict``.
+    """Base class: subclass, set ``consumes``/``setting``/``schema``, implement the prediction.
 
     - ``consumes``: ``"features"`` (frozen-backbone embeddings) or ``"images"`` (uint8 pixels).
-    - ``setting``: ``"inductive"`` (support only), ``"transductive"`` (also looks at the query
-      set as a whole) or ``"semi-supervised"`` (uses ``task.unlabeled``).
-    - ``defaults``: hyper-parameters; ``Method(**overrides)`` replaces them, unknown keys fail.
+    - ``setting`` says what the runner gives the method, and each result row records what it
+      gave: ``"inductive"``: the support only, queries one at a time; ``"semi-supervised"``: the
+      support and the unlabeled pool, queries one at a time (a task without a pool is recorded
+      ``inductive``); ``"transductive"``: the support, the pool and the whole query set at once.
+    - ``schema``: typed parameters (:class:`~fewshot_bench.methods.params.Param`);
+      ``Method(**overrides)`` checks every value. A subclass may set plain ``defaults``
+      instead; their types are then inferred.
+
+    Inductive and semi-supervised methods implement :meth:`fit_task` (adapt to the support and
+    pool, return a scorer the runner calls once per query); transductive ones :meth:`predict`.
+    A method that implements only ``predict`` still runs inductively: each query is then
+    scored by a ``predict`` call on a one-query task (correct, but it adapts once per query).
     """
 
     name: ClassVar[str] = "unnamed"
     consumes: ClassVar[str] = "features"
     setting: ClassVar[str] = "inductive"
+    schema: ClassVar[Schema] = {}
     defaults: ClassVar[dict[str, Any]] = {}
-    version: ClassVar[str] = "1"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "schema" in vars(cls):
+            cls.defaults = {k: p.default for k, p in cls.schema.items()}
+        elif "defaults" in vars(cls):
+            cls.schema = schema_from_defaults(cls.defaults)
 
     def __init__(self, **params: Any) -> None:
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ProtocolError(
-                f"method {self.name!r} has no parameter(s) {sorted(unknown)}; "
-                f"its parameters are {sorted(self.defaults)}"
-            )
-        self.params: dict[str, Any] = {**self.defaults, **params}
+        self.params: dict[str, Any] = validate(self.name, self.schema, params)
 
     def config(self) -> dict[str, Any]:
-        """Everything that determines this method's output, for hashing and reporting."""
-        return {"method": self.name, "version": self.version, "params": self.params}
+        """Everything that determines this method's output besides its code, for hashing."""
+        return {"method": self.name, "params": self.params}
 
     def config_hash(self) -> str:
         blob = json.dumps(self.config(), sort_keys=True, default=str)
@@ -89,23 +104,46 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
         """Restore what ``state_dict`` returned."""
 
-    def task_setting(self, task: Task) -> str:
-        """The setting this method ran in on ``task`` (recorded per result row).
-
-        Defaults to ``setting``; a method that falls back to using the queries as a whole (for
-        example when a task has no unlabeled pool) reports ``"transductive"`` for that task.
-        """
-        return self.setting
-
     @property
     def trains(self) -> bool:
         """Whether this method overrides ``fit``."""
         return type(self).fit is not Method.fit
 
+    def _overrides(self, name: str) -> bool:
+        return getattr(type(self), name) is not getattr(Method, name)
+
+    def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:
+        """Adapt to ``task`` (support, and the unlabeled pool if the setting gives one; no
+        queries) and return a function that scores queries ``[n, ...] -> [n, n_way]``.
+
+        The default scores each query with :meth:`predict` on a one-query copy of ``task``."""
+        if self._overrides("fit_tasks"):
+            return self.fit_tasks([task], [ctx])[0]
+        if not (self._overrides("predict") or self._overrides("predict_batch")):
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither fit_task nor predict"
+            )
+        return lambda query: self.predict_batch([replace(task, query=query)], [ctx])[0]
+
+    def fit_tasks(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[Scorer]:
+        """:meth:`fit_task` for several tasks; override to vectorise the adaptation."""
+        return [self.fit_task(t, c) for t, c in zip(tasks, ctxs, strict=True)]
+
     def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        """Scores ``[n_query, task.n_way]`` (higher = more likely); logits or probabilities."""
-        raise NotImplementedError
+        """Scores ``[n_query, task.n_way]`` (higher = more likely); logits or probabilities.
+
+        The default adapts with :meth:`fit_tasks` and scores the queries with its scorer."""
+        return self.predict_batch([task], [ctx])[0]
 
     def predict_batch(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[torch.Tensor]:
-        """Score several tasks; override to vectorise. Default loops over ``predict``."""
-        return [self.predict(t, c) for t, c in zip(tasks, ctxs, strict=True)]
+        """Score several whole tasks; override to vectorise. Default: ``predict`` per task, or
+        for a method that adapts (``fit_task``/``fit_tasks``) its scorers on the queries."""
+        if self._overrides("predict"):
+            return [self.predict(t, c) for t, c in zip(tasks, ctxs, strict=True)]
+        if not (self._overrides("fit_task") or self._overrides("fit_tasks")):
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither fit_task nor predict"
+            )
+        given = [replace(t, query=t.query[:0]) for t in tasks]
+        scorers = self.fit_tasks(given, ctxs)
+        return [s(t.query) for s, t in zip(scorers, tasks, strict=True)]

@@ -31,7 +31,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from fewshot_bench.errors import FsbenchError, ProtocolError
-from fewshot_bench.methods.base import FitSource, Method, TaskContext
+from fewshot_bench.methods.base import FitSource, Method, Scorer, TaskContext
 from fewshot_bench.methods.episodic import (
     EpisodeSampler,
     TrainingLog,
@@ -39,11 +39,13 @@ from fewshot_bench.methods.episodic import (
     load_state_file,
     require_images,
     resolve_steps,
-    seeded,
     seeded_backbone,
     step_lr,
 )
+from fewshot_bench.methods.param_groups import training
+from fewshot_bench.methods.params import Param, grouped
 from fewshot_bench.methods.registry import register_method
+from fewshot_bench.runtime import seeded
 from fewshot_bench.tasks.task import Task
 
 Params = dict[str, torch.Tensor]
@@ -141,20 +143,23 @@ class MAML(Method):
 
     consumes = "images"
     setting = "inductive"
-    defaults: dict[str, Any] = {
-        "arch": "conv4",
-        "n_way": 5,
-        "k_shot": 1,
-        "train_query": 5,
-        "inner_lr": 0.4,
-        "inner_steps": 1,
-        "test_inner_steps": 3,
-        "first_order": False,
-        "meta_batch": 32,
-        "meta_lr": 1e-3,
-        "lr_decay_every": 0,
-        "steps": 2000,
-        "init": "",
+    schema = {
+        **training(steps=2000, amp=False),
+        **grouped(
+            "meta-learning",
+            {
+                "n_way": Param(5, "classes of the head (must equal the protocol's way)", low=2),
+                "k_shot": Param(1, "support items per class in training episodes", low=1),
+                "train_query": Param(5, "query items per class in training episodes", low=1),
+                "inner_lr": Param(0.4, "inner-loop SGD step size", low=0, open_low=True),
+                "inner_steps": Param(1, "inner-loop steps in training", low=1),
+                "test_inner_steps": Param(3, "inner-loop steps at test time", low=0),
+                "first_order": Param(False, "ignore second derivatives (FOMAML)"),
+                "meta_batch": Param(32, "tasks per meta-update", low=1),
+                "meta_lr": Param(1e-3, "outer-loop learning rate (Adam)", low=0, open_low=True),
+                "lr_decay_every": Param(0, "halve meta_lr every this many steps (0: never)", low=0),
+            },
+        ),
     }
 
     def __init__(self, **params: Any) -> None:
@@ -245,8 +250,9 @@ class MAML(Method):
             log.update(step, n_steps, step_loss, step_acc)
         bar.close()
 
-    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        """Adapt a copy of the initialisation on the support, then score the queries."""
+    def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:
+        """Adapt a copy of the initialisation on the support; the scorer applies it to queries
+        (batch norm with the support's statistics)."""
         if self.net is None:
             raise FsbenchError(
                 f"method {self.name!r} must be meta-trained first (the runner calls fit on the "
@@ -261,8 +267,7 @@ class MAML(Method):
         device = ctx.device
         net = self.net.to(device)
         params = {k: v.detach().requires_grad_(True) for k, v in net.named_parameters()}
-        xs, xq = task.support.to(device), task.query.to(device)
-        ys = task.support_labels.to(device)
+        xs, ys = task.support.to(device), task.support_labels.to(device)
         with torch.enable_grad():
             fast = inner_adapt(
                 net,
@@ -273,12 +278,20 @@ class MAML(Method):
                 self.params["inner_lr"],
                 False,
             )
-        with torch.no_grad():
-            return adapted_logits(net, fast, xs, xq).float().cpu()
+        fast = {k: v.detach() for k, v in fast.items()}
+
+        def score(query: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return adapted_logits(net, fast, xs, query.to(device)).float()
+
+        return score
 
 
 @register_method("fomaml")
 class FOMAML(MAML):
     """First-order MAML: the meta-gradient ignores second derivatives through the inner loop."""
 
-    defaults = {**MAML.defaults, "first_order": True}
+    schema = {
+        **MAML.schema,
+        "first_order": Param(True, "ignore second derivatives (FOMAML)", group="meta-learning"),
+    }

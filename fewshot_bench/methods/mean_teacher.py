@@ -2,9 +2,9 @@
 "supervised" baseline with the same network and training but no unlabeled data.
 
 One task is one semi-supervised split: ``task.support`` = the labeled images, ``task.unlabeled`` =
-the rest of the training set, ``task.query`` = the test set. ``predict`` trains a fresh network
-(``arch`` backbone + linear head) on the task for ``steps`` steps and returns the teacher's
-logits on the queries:
+the rest of the training set, ``task.query`` = the test set. ``fit_task`` trains a fresh network
+(``arch`` backbone + linear head) on the task for ``steps`` steps; the teacher's logits score
+each query:
 
 - student: Adam (``lr``, cosine decay to 0, ``weight_decay``) on the cross-entropy of a labeled
   batch plus ``w(t)`` × the consistency cost — the squared difference of student and teacher
@@ -37,15 +37,16 @@ from tqdm import tqdm
 
 from fewshot_bench.backbones.checkpoint import load_checkpoint
 from fewshot_bench.errors import ProtocolError
-from fewshot_bench.methods.base import Method, TaskContext
+from fewshot_bench.methods.base import Method, Scorer, TaskContext
 from fewshot_bench.methods.episodic import (
-    autocast,
     image_geometry,
     require_images,
-    seeded,
     seeded_backbone,
 )
+from fewshot_bench.methods.param_groups import training
+from fewshot_bench.methods.params import Param, Schema, grouped
 from fewshot_bench.methods.registry import register_method
+from fewshot_bench.runtime import autocast, seeded
 from fewshot_bench.tasks.task import Task
 
 
@@ -110,34 +111,61 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
             t.copy_(s)
 
 
-@register_method("mean-teacher")
-class MeanTeacher(Method):
-    """Mean Teacher: consistency between a student and its weight-averaged teacher."""
+#: Training of a per-task network, shared by every method of this module.
+TASK_TRAINING: Schema = {
+    **training(steps=500, lr=3e-3),
+    **grouped(
+        "task training",
+        {
+            "labeled_batch": Param(32, "labeled images per step", low=1),
+            "weight_decay": Param(1e-4, "Adam weight decay", low=0),
+            "ramp_fraction": Param(0.4, "fraction of the steps in the ramp-up", low=0, high=1),
+            "ema_ramp": Param(0.99, "teacher EMA decay during the ramp-up", low=0, high=1),
+            "ema": Param(0.999, "teacher EMA decay after the ramp-up", low=0, high=1),
+            "translate": Param(2, "random translation in pixels", low=0),
+            "flip": Param(True, "random horizontal flips"),
+            "noise": Param(0.15, "std of additive Gaussian noise", low=0),
+            "eval_batch": Param(1024, "images per forward pass at evaluation", low=1),
+        },
+    ),
+}
+#: The Mean Teacher consistency objective.
+CONSISTENCY: Schema = grouped(
+    "consistency",
+    {
+        "consistency": Param(8.0, "weight of the consistency cost after the ramp-up", low=0),
+        "unlabeled_batch": Param(96, "unlabeled images per step", low=1),
+    },
+)
+
+
+def support_set(task: Task, ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """The labeled set of the supervised methods: the support, weight 1."""
+    return task.support, task.support_labels, None
+
+
+class TaskTrainedClassifier(Method):
+    """A network trained on each task, assembled from parts (not registered itself):
+
+    - initialisation: random, or the backbone of ``init`` (required when ``needs_init``);
+    - labeled set: ``training_set(task, ctx) -> (images, labels, weights or None)``;
+    - objective: cross-entropy (confidence-weighted when the labeled set has weights), plus
+      the Mean Teacher consistency cost when the schema has ``consistency`` > 0 and the task
+      has unlabeled images.
+
+    The teacher (EMA of the student) scores the queries, one at a time, in eval mode.
+    """
 
     consumes = "images"
-    setting = "semi-supervised"
-    defaults: dict[str, Any] = {
-        "arch": "conv4",
-        "steps": 500,
-        "labeled_batch": 32,
-        "unlabeled_batch": 96,
-        "lr": 3e-3,
-        "weight_decay": 1e-4,
-        "consistency": 8.0,
-        "ramp_fraction": 0.4,
-        "ema_ramp": 0.99,
-        "ema": 0.999,
-        "translate": 2,
-        "flip": True,
-        "noise": 0.15,
-        "eval_batch": 1024,
-        "amp": True,
-        "init": "",
-    }
-    uses_unlabeled = True
+    needs_init = False
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        if self.needs_init and not self.params["init"]:
+            raise ProtocolError(
+                f"{self.name} needs the backbone to start from: -m {self.name}:init=PATH with a "
+                "checkpoint written by `fsbench pretrain --out PATH`"
+            )
         #: the last task's networks, kept for inspection (tests, notebooks)
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None
@@ -163,12 +191,11 @@ class MeanTeacher(Method):
     def training_set(
         self, task: Task, ctx: TaskContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The labeled images, their labels and per-image loss weights (``None``: all 1) that the
-        cross-entropy term trains on: here the support."""
-        return task.support, task.support_labels, None
+        """The labeled images, their labels and per-image loss weights (``None``: all 1)."""
+        return support_set(task, ctx)
 
-    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        """Train student and teacher on this task, return the teacher's query logits."""
+    def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:
+        """Train student and teacher on this task; the scorer returns the teacher's logits."""
         require_images(task.kind, self.name)
         p = self.params
         device = ctx.device
@@ -181,9 +208,9 @@ class MeanTeacher(Method):
         xl, yl, wl = self.training_set(task, ctx)
         xl_all, yl_all = xl.to(device), yl.to(device)
         wl_all = None if wl is None else wl.to(device)
-        use_unl = self.uses_unlabeled and p.get("consistency", 0.0) > 0
-        xu_all = task.unlabeled.to(device) if use_unl else task.unlabeled[:0]
-        use_unl = use_unl and xu_all.shape[0] > 0
+        consistency = float(p.get("consistency", 0.0))
+        xu_all = task.unlabeled.to(device) if consistency > 0 else task.unlabeled[:0]
+        use_unl = consistency > 0 and xu_all.shape[0] > 0
         n_steps = int(p["steps"])
         ramp = int(p["ramp_fraction"] * n_steps)
         opt = torch.optim.Adam(student.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
@@ -216,7 +243,7 @@ class MeanTeacher(Method):
                 with torch.no_grad(), autocast(device, p["amp"]):
                     target = torch.softmax(teacher(x_teacher).float(), dim=-1)
                 cons = (torch.softmax(logits, dim=-1) - target).pow(2).sum(-1).mean()
-                loss = loss + p["consistency"] * sigmoid_rampup(step, ramp) * cons
+                loss = loss + consistency * sigmoid_rampup(step, ramp) * cons
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -227,35 +254,41 @@ class MeanTeacher(Method):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
         self.student, self.teacher = student.eval(), teacher.eval()
-        outs = []
-        with torch.no_grad(), autocast(device, p["amp"]):
-            for i in range(0, task.query.shape[0], p["eval_batch"]):
-                outs.append(teacher(task.query[i : i + p["eval_batch"]].to(device)).float())
-        return torch.cat(outs).cpu()
+        amp = p["amp"]
+
+        def score(query: torch.Tensor) -> torch.Tensor:
+            outs = []
+            with torch.no_grad(), autocast(device, amp):
+                for i in range(0, query.shape[0], p["eval_batch"]):
+                    outs.append(teacher(query[i : i + p["eval_batch"]].to(device)).float())
+            return torch.cat(outs)
+
+        return score
+
+
+@register_method("mean-teacher")
+class MeanTeacher(TaskTrainedClassifier):
+    """Mean Teacher: consistency between a student and its weight-averaged teacher."""
+
+    setting = "semi-supervised"
+    schema = {**TASK_TRAINING, **CONSISTENCY}
 
 
 @register_method("supervised")
-class Supervised(MeanTeacher):
+class Supervised(TaskTrainedClassifier):
     """Mean Teacher's network and training on the labeled images only (no unlabeled data,
     no consistency cost); predicts with the weight-averaged network like Mean Teacher."""
 
     setting = "inductive"
-    defaults = {
-        k: v for k, v in MeanTeacher.defaults.items() if k not in ("consistency", "unlabeled_batch")
-    }
-    uses_unlabeled = False
+    schema = TASK_TRAINING
 
 
 @register_method("finetune")
-class Finetune(Supervised):
+class Finetune(TaskTrainedClassifier):
     """The supervised baseline started from a pretrained backbone (``init=PATH``, a checkpoint of
     ``fsbench pretrain``, e.g. instance discrimination on the unlabeled images): the
     "fine-tune" row of semi-supervised tables."""
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        if not self.params["init"]:
-            raise ProtocolError(
-                f"{self.name} needs the backbone to start from: -m {self.name}:init=PATH with a "
-                "checkpoint written by `fsbench pretrain --out PATH`"
-            )
+    setting = "inductive"
+    schema = TASK_TRAINING
+    needs_init = True

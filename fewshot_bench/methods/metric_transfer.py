@@ -19,38 +19,38 @@ import torch
 
 from fewshot_bench.backbones.checkpoint import CheckpointEmbedder
 from fewshot_bench.methods.base import TaskContext
-from fewshot_bench.methods.mean_teacher import Finetune
-from fewshot_bench.methods.propagation import (
-    CONFIDENCE_DEFAULTS,
-    DIFFUSION_DEFAULTS,
-    GRAPH_DEFAULTS,
-    SPECTRAL_DEFAULTS,
-    make_propagator,
-    select_pseudo_labels,
-)
+from fewshot_bench.methods.mean_teacher import TASK_TRAINING, TaskTrainedClassifier, support_set
+from fewshot_bench.methods.params import Param
+from fewshot_bench.methods.propagation import PROPAGATOR, make_propagator, select_pseudo_labels
 from fewshot_bench.methods.registry import register_method
 from fewshot_bench.tasks.task import Task
 
 
 @register_method("propagation-finetune")
-class PropagationFinetune(Finetune):
+class PropagationFinetune(TaskTrainedClassifier):
     """Metric transfer: propagate in the pretrained metric, then confidence-weighted fine-tuning."""
 
     setting = "semi-supervised"
-    defaults: dict[str, Any] = {
-        **Finetune.defaults,
-        **GRAPH_DEFAULTS,
-        **DIFFUSION_DEFAULTS,
-        **SPECTRAL_DEFAULTS,
-        **CONFIDENCE_DEFAULTS,
-        "features": "embed",
-        "propagator": "spectral",
-        "nn_sigma": 20.0,
+    schema = {
+        **TASK_TRAINING,
+        **PROPAGATOR,
+        "propagator": Param(
+            "spectral",
+            "how the unlabeled images get their pseudo-labels",
+            choices=("diffusion", "spectral", "nn"),
+            group="graph",
+        ),
+        "features": Param(
+            "embed",
+            "the checkpoint's metric: embed (its L2-normalised projection) or backbone",
+            choices=("embed", "backbone"),
+            group="graph",
+        ),
     }
+    needs_init = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        make_propagator(self.params)  # an unknown propagator fails here, not mid-run
         #: the last task's pseudo-labels (indices into task.unlabeled, labels, α), for inspection
         self.last_pseudo_labels = None
 
@@ -59,7 +59,7 @@ class PropagationFinetune(Finetune):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Support (α = 1) plus the confidently pseudo-labeled unlabeled images with their α."""
         if task.unlabeled.shape[0] == 0:
-            return super().training_set(task, ctx)
+            return support_set(task, ctx)
         embedder = CheckpointEmbedder(self.params["init"], self.params["features"])
         sup = embedder.embed(task.support, ctx.device)
         unl = embedder.embed(task.unlabeled, ctx.device)

@@ -1,25 +1,28 @@
 """Label propagation methods from the two papers, on faiss kNN graphs (CPU or CUDA).
 
-Registered methods (all consume ``features``, setting ``semi-supervised``):
+Registered methods (all consume ``features``; parameters in :mod:`.param_groups`, where every
+temperature divides):
 
-- ``nn-propagation``: metric transfer eq. 5 -- support votes for the unlabeled pool, confident
-  pseudo-labels (α ≥ ``min_alpha``) join the support, weighted by α, to vote for the queries.
-- ``spectral-propagation``: eq. 6 -- spectral embedding of the kNN graph of support ∪ unlabeled
-  (eigenpairs 2..η of ``L_sym``, η = ``n_eig``, the trivial one excluded, ``1/λ`` weighting),
-  queries attached as out-only nodes, eq. 5 voting with inverse temperature ``sigma``
-  (``exp(sigma * cos)``; the graph's ``temperature`` instead divides: ``exp(s / temperature)``).
-- ``diffusion``: Douze et al. -- ``L <- η(W L)`` from the support seeds over support ∪ unlabeled,
+- ``nn-propagation`` (semi-supervised): metric transfer eq. 5 -- support votes for the
+  unlabeled pool, confident pseudo-labels (α ≥ ``min_alpha``) join the support, weighted by α,
+  to vote for each query.
+- ``spectral-propagation`` (transductive): eq. 6 -- spectral embedding of the kNN graph of
+  support ∪ unlabeled (eigenpairs 2..η of ``L_sym``, η = ``n_eig``, the trivial one excluded,
+  ``1/λ`` weighting), queries attached as out-only nodes, eq. 5 voting
+  ``exp(cos / vote_temperature)``.
+- ``diffusion`` (transductive): Douze et al. -- ``L <- η(W L)`` from the support seeds over support ∪ unlabeled,
   queries as out-only nodes (incoming edges only); iteration count chosen on held-out seeds.
 - ``diffusion-logreg``: late fusion ``a log p_logreg + (1-a) log p_diffusion``; ``a`` (and the
   iteration count) chosen on held-out seeds.
-- ``propagation-classifier``: propagate to the unlabeled pool (diffusion, spectral or nn),
+- ``propagation-classifier`` (semi-supervised): propagate to the unlabeled pool (diffusion, spectral or nn),
   keep confident pseudo-labels, train the eq. 10 confidence-weighted logistic regression on
   support + pseudo-labels, classify the queries with it (queries never enter the graph).
 
-Transductive fallback, stated honestly: with ``queries_in_graph="auto"`` (default) and an
-*empty* unlabeled pool, the graph-based methods put the queries into the graph as ordinary
-nodes (support ∪ query graph) -- that run is transductive, not semi-supervised.
-``queries_in_graph=False`` keeps queries out-only always; ``True`` always puts them in.
+The graph methods receive the whole query set, so the runner records them ``transductive``
+even where the queries are out-only nodes (incoming edges only, scores independent of the other
+queries): the runner cannot check that, only give or withhold the query set. With
+``queries_in_graph="auto"`` (default) and an *empty* unlabeled pool the queries join the graph
+as ordinary nodes; ``False`` keeps them out-only always; ``True`` always puts them in.
 ``propagation-classifier`` with no unlabeled data reduces to logistic regression on the support.
 
 Validation (``n_iter="auto"``, ``mix="auto"``): leave-some-out over the support -- each of
@@ -44,7 +47,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fewshot_bench.errors import ProtocolError
 from fewshot_bench.graph.build import Graph, build_block_graph, default_cache
@@ -58,62 +60,34 @@ from fewshot_bench.graph.diffusion import (
 )
 from fewshot_bench.graph.spectral import extend_to_out_nodes, spectral_embedding, vote
 from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES, few_threads
-from fewshot_bench.methods.base import Method, TaskContext
+from fewshot_bench.methods.base import Method, Scorer, TaskContext
+from fewshot_bench.methods.param_groups import (
+    CONFIDENCE,
+    DIFFUSION,
+    GRAPH,
+    LOGREG,
+    NORMALIZE,
+    SPECTRAL,
+)
+from fewshot_bench.methods.params import Param, Schema
 from fewshot_bench.methods.registry import register_method
+from fewshot_bench.methods.simple import feature_transform
 from fewshot_bench.tasks.task import Task
 
 #: Background sets at least this large go through the background-graph cache.
 CACHE_MIN_NODES = 20000
 
-GRAPH_DEFAULTS: dict[str, Any] = {
-    "normalize": "l2",  # "l2" | "center-l2" (mean of support ∪ unlabeled, never queries) | "none"
-    "k": 10,
-    "metric": "cosine",
-    "index": "auto",
-    "nprobe": 8,
-    "weight": "binary",
-    "temperature": 0.1,
-    "queries_in_graph": "auto",
-    "graph_cache": True,
-}
-DIFFUSION_DEFAULTS: dict[str, Any] = {
-    "norm": "col",
-    "n_iter": "auto",
-    "max_iter": 10,
-    "default_iter": 3,
-    "n_folds": 3,
-    "gamma": None,
-    "prior": None,
-    "sinkhorn_iters": 5,
-    "class_batch": None,
-}
-SPECTRAL_DEFAULTS: dict[str, Any] = {"n_eig": 200, "sigma": 40.0, "tol": 1e-3, "solver": "auto"}
-CONFIDENCE_DEFAULTS: dict[str, Any] = {
-    "tau": 1.0,
-    "min_alpha": 0.01,
-    "k_per_class": None,
-    "top_k": None,
-}
-
 
 def prepare_task_features(
     task: Task, ctx: TaskContext, normalize: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Support, unlabeled and query features as float32 on ``ctx.device``, normalised."""
+    """Support, unlabeled and query features as float32 on ``ctx.device``, normalised
+    (``center-l2``: the mean of support and unlabeled items, never of the queries)."""
     if task.kind != "features":
         raise ProtocolError("propagation methods consume features; run them on a feature protocol")
-    sup, unl, qry = (
-        t.to(ctx.device, torch.float32) for t in (task.support, task.unlabeled, task.query)
-    )
-    unl = unl.reshape(-1, sup.shape[1]) if unl.numel() == 0 else unl
-    if normalize == "center-l2":
-        mean = torch.cat([sup, unl]).mean(0, keepdim=True)
-        sup, unl, qry = sup - mean, unl - mean, qry - mean
-    if normalize in ("l2", "center-l2"):
-        sup, unl, qry = (F.normalize(t, dim=1) for t in (sup, unl, qry))
-    elif normalize != "none":
-        raise ProtocolError(f"normalize must be 'l2', 'center-l2' or 'none', not {normalize!r}")
-    return sup, unl, qry
+    f = feature_transform(task, normalize, ctx.device)
+    unl = task.unlabeled.reshape(-1, task.support.shape[1])
+    return f(task.support), f(unl), f(task.query)
 
 
 class PropagationMethod(Method):
@@ -121,34 +95,34 @@ class PropagationMethod(Method):
 
     consumes = "features"
     setting = "semi-supervised"
-    defaults: dict[str, Any] = {}
+
+    def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
+        """Log-scores ``[n_unlabeled, n_way]`` this method's propagation gives the unlabeled pool."""
+        raise NotImplementedError
+
+    def _few_threads(self, task: Task, ctx: TaskContext) -> Any:
+        n = task.n_support + int(task.unlabeled.shape[0]) + int(task.query.shape[0])
+        return few_threads(ctx.device.type == "cpu" and n <= SMALL_PROBLEM_NODES)
+
+
+class GraphPropagation(PropagationMethod):
+    """Graph methods: they take the whole query set (out-only graph nodes, or ordinary nodes
+    when the task has no unlabeled pool), so the runner gives it and records ``transductive``."""
+
+    setting = "transductive"
 
     def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         """Scores ``[n_query, n_way]``; small CPU tasks run single-threaded (see ``graph.threads``)."""
-        n = task.n_support + int(task.unlabeled.shape[0]) + int(task.query.shape[0])
-        with few_threads(ctx.device.type == "cpu" and n <= SMALL_PROBLEM_NODES):
+        with self._few_threads(task, ctx):
             return self._predict(task, ctx)
 
     def _predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def task_setting(self, task: Task) -> str:
-        """``transductive`` when the queries join the graph (no unlabeled pool, by default)."""
-        if "queries_in_graph" in self.params and self._queries_in_graph(
-            int(task.unlabeled.shape[0])
-        ):
-            return "transductive"
-        return self.setting
-
     # ------------------------------------------------------------------ graph
     def _queries_in_graph(self, n_unlabeled: int) -> bool:
         q = self.params.get("queries_in_graph", "auto")
-        q = q.lower() if isinstance(q, str) else q
-        if q == "auto":
-            return n_unlabeled == 0
-        if q in (True, False, "true", "false", 1, 0):
-            return q in (True, "true", 1)
-        raise ProtocolError(f"queries_in_graph must be 'auto', True or False, not {q!r}")
+        return n_unlabeled == 0 if q == "auto" else bool(q)
 
     def _graph(
         self,
@@ -158,7 +132,7 @@ class PropagationMethod(Method):
         ctx: TaskContext,
     ) -> Graph:
         p = self.params
-        use_cache = p.get("graph_cache", True) and background.shape[0] >= CACHE_MIN_NODES
+        use_cache = p["graph_cache"] and background.shape[0] >= CACHE_MIN_NODES
         return build_block_graph(
             sup,
             background,
@@ -264,13 +238,8 @@ class PropagationMethod(Method):
             e = torch.cat([e, extend_to_out_nodes(e, graph)])
         return e
 
-    # ------------------------------------------------------------------ unlabeled pool
-    def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        """Log-scores ``[n_unlabeled, n_way]`` this method's propagation gives the unlabeled pool."""
-        raise NotImplementedError
 
-
-class _DiffusionPropagator(PropagationMethod):
+class _DiffusionPropagator(GraphPropagation):
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         graph, sup, unl, _ = self._task_graph(task, ctx, with_queries=False)
         rows = torch.arange(sup.shape[0], sup.shape[0] + unl.shape[0])
@@ -290,7 +259,7 @@ class Diffusion(_DiffusionPropagator):
     query mass.
     """
 
-    defaults = {**GRAPH_DEFAULTS, **DIFFUSION_DEFAULTS}
+    schema = {**GRAPH, **DIFFUSION}
 
     def _predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         graph, sup, unl, qry = self._task_graph(task, ctx)
@@ -308,13 +277,14 @@ class DiffusionLogreg(_DiffusionPropagator):
     the logistic regression on support features. Other parameters as ``diffusion``.
     """
 
-    defaults = {
-        **GRAPH_DEFAULTS,
-        **DIFFUSION_DEFAULTS,
-        "mix": "auto",
-        "default_mix": 0.5,
-        "l2": 1e-3,
-        "logreg_iter": 100,
+    schema = {
+        **GRAPH,
+        **DIFFUSION,
+        **LOGREG,
+        "mix": Param(
+            "auto", "fusion weight a of the logistic regression, or auto", kind=float, low=0, high=1
+        ),
+        "default_mix": Param(0.5, "a when the support cannot be split for mix=auto", low=0, high=1),
     }
 
     def _logreg(self, x: torch.Tensor, y: torch.Tensor, n_way: int) -> torch.nn.Linear:
@@ -372,85 +342,94 @@ class DiffusionLogreg(_DiffusionPropagator):
 
 
 @register_method("spectral-propagation")
-class SpectralPropagation(PropagationMethod):
+class SpectralPropagation(GraphPropagation):
     """Metric transfer eq. 6: spectral embedding of the kNN graph, then eq. 5 voting.
 
     Parameters: graph ones (as ``diffusion``; ``temperature`` divides the edge similarity)
     plus ``n_eig`` (η, 200: eigenpairs ``j = 2..min(η, n)`` of ``L_sym``, the trivial ``j = 1``
-    excluded, so at most η - 1 embedding columns), ``sigma`` (σ, 40: an *inverse* temperature
-    that multiplies the cosine of embedding rows in the eq. 5 exponential, ``exp(σ cos)``, as in
-    the paper), ``tol`` (eigen-residual), ``solver`` (auto/dense/chebyshev/arpack). Queries are
+    excluded, so at most η - 1 embedding columns), ``vote_temperature`` (0.025: eq. 5 voting
+    ``exp(cos / vote_temperature)`` on embedding rows, the paper's σ = 40), ``tol`` (eigen-residual), ``solver`` (auto/dense/chebyshev/arpack). Queries are
     attached out-only (Nyström-style neighbour average) unless they are in the graph (see
     module docstring).
     """
 
-    defaults = {**GRAPH_DEFAULTS, **SPECTRAL_DEFAULTS}
+    schema = {**GRAPH, **SPECTRAL}
 
     def _predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         graph, sup, unl, qry = self._task_graph(task, ctx)
         e = self._spectral_embeddings(graph, ctx)
         n_s, n0 = sup.shape[0], sup.shape[0] + unl.shape[0]
         labels = task.support_labels.to(ctx.device).long()
-        return vote(
-            e[:n_s], labels, e[n0 : n0 + qry.shape[0]], task.n_way, float(self.params["sigma"])
-        ).cpu()
+        return vote(e[:n_s], labels, e[n0 : n0 + qry.shape[0]], task.n_way, self._sigma()).cpu()
 
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         graph, sup, unl, _ = self._task_graph(task, ctx, with_queries=False)
         e = self._spectral_embeddings(graph, ctx)
         n_s = sup.shape[0]
         labels = task.support_labels.to(ctx.device).long()
-        return vote(
-            e[:n_s], labels, e[n_s : n_s + unl.shape[0]], task.n_way, float(self.params["sigma"])
-        )
+        return vote(e[:n_s], labels, e[n_s : n_s + unl.shape[0]], task.n_way, self._sigma())
+
+    def _sigma(self) -> float:
+        """Eq. 5's inverse temperature σ = 1 / ``vote_temperature``."""
+        return 1.0 / float(self.params["vote_temperature"])
 
 
 @register_method("nn-propagation")
 class NNPropagation(PropagationMethod):
-    """Metric transfer eq. 5 on the features: ``z[u,c] = mean_{i∈c} exp(sigma * cos(x_i, x_u))``.
-
-    ``sigma`` multiplies the cosine (an inverse temperature, 20 here); ``tau`` divides the
-    scores in the eq. 8 confidence softmax ``softmax(z / τ)``.
+    """Metric transfer eq. 5 on the features: ``z[u,c] = mean_{i∈c} exp(cos(x_i, x_u) / T)``
+    with ``T = vote_temperature`` (0.05, the paper's σ = 20).
 
     With unlabeled data, the support first votes for the pool; pseudo-labels with α ≥
-    ``min_alpha`` (``tau``, ``k_per_class``, ``top_k`` as in :func:`confident_pseudo_labels`) join
-    the support with weight α and all of them vote for the queries. No graph and no query
-    interaction: with an empty pool it is the plain (inductive) eq. 5 classifier.
+    ``min_alpha`` (``confidence_temperature``, ``k_per_class``, ``top_k`` as in
+    :func:`confident_pseudo_labels`) join the support with weight α and all of them vote for
+    each query. No graph and no query interaction: with an empty pool it is the plain
+    (inductive) eq. 5 classifier.
     """
 
-    defaults = {"normalize": "l2", "sigma": 20.0, "use_unlabeled": True, **CONFIDENCE_DEFAULTS}
+    schema = {
+        "normalize": NORMALIZE,
+        "vote_temperature": Param(
+            0.05,
+            "eq. 5 voting exp(cos / vote_temperature) (the paper's sigma = 20)",
+            low=0,
+            open_low=True,
+        ),
+        "use_unlabeled": Param(True, "let confident pseudo-labels of the pool vote too"),
+        **CONFIDENCE,
+    }
 
-    def task_setting(self, task: Task) -> str:
-        return self.setting if task.unlabeled.shape[0] else "inductive"
+    def _sigma(self) -> float:
+        return 1.0 / float(self.params["vote_temperature"])
 
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         sup, unl, _ = prepare_task_features(task, ctx, self.params["normalize"])
         labels = task.support_labels.to(ctx.device).long()
-        return vote(sup, labels, unl, task.n_way, float(self.params["sigma"]))
+        return vote(sup, labels, unl, task.n_way, self._sigma())
 
-    def _predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
+    def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:
         p = self.params
-        sup, unl, qry = prepare_task_features(task, ctx, p["normalize"])
+        f = feature_transform(task, p["normalize"], ctx.device)
+        sup, unl = f(task.support), f(task.unlabeled.reshape(-1, task.support.shape[1]))
         labels = task.support_labels.to(ctx.device).long()
-        sigma = float(p["sigma"])
-        if not p["use_unlabeled"] or unl.shape[0] == 0:
-            return vote(sup, labels, qry, task.n_way, sigma).cpu()
-        pl = select_pseudo_labels(vote(sup, labels, unl, task.n_way, sigma), p)
-        x = torch.cat([sup, unl[pl.indices]])
-        y = torch.cat([labels, pl.labels])
-        w = torch.cat([torch.ones(sup.shape[0], device=ctx.device), pl.alpha])
-        return vote(x, y, qry, task.n_way, sigma, weights=w).cpu()
+        x, y, w = sup, labels, None
+        if p["use_unlabeled"] and unl.shape[0]:
+            with self._few_threads(task, ctx):
+                pl = select_pseudo_labels(vote(sup, labels, unl, task.n_way, self._sigma()), p)
+            x = torch.cat([sup, unl[pl.indices]])
+            y = torch.cat([labels, pl.labels])
+            w = torch.cat([torch.ones(sup.shape[0], device=ctx.device), pl.alpha])
+        return lambda query: vote(x, y, f(query), task.n_way, self._sigma(), weights=w)
 
 
 def select_pseudo_labels(scores: torch.Tensor, p: dict[str, Any]) -> PseudoLabels:
     """Confident pseudo-labels of ``scores`` under a method's ``top_k``, ``k_per_class``,
-    ``min_alpha`` and ``tau`` parameters (:data:`CONFIDENCE_DEFAULTS`)."""
+    ``min_alpha`` and ``confidence_temperature`` parameters (:data:`CONFIDENCE`)."""
     return confident_pseudo_labels(
         scores,
         k=p.get("top_k"),
         k_per_class=p.get("k_per_class"),
         min_alpha=float(p["min_alpha"]),
-        tau=float(p["tau"]),
+        tau=float(p["confidence_temperature"]),
     )
 
 
@@ -460,17 +439,32 @@ PROPAGATORS: dict[str, type[PropagationMethod]] = {
     "nn": NNPropagation,
 }
 
+#: What a pipeline that propagates to its unlabeled pool (propagation-classifier,
+#: propagation-finetune) accepts besides its own parameters.
+PROPAGATOR: Schema = {
+    **GRAPH,
+    **DIFFUSION,
+    **SPECTRAL,
+    **CONFIDENCE,
+    "propagator": Param(
+        "diffusion", "how the unlabeled pool gets its pseudo-labels", choices=tuple(PROPAGATORS)
+    ),
+    "vote_temperature": Param(
+        None,
+        "eq. 5 voting temperature of the spectral / nn propagator (none: its default, 0.025 / 0.05)",
+        kind=float,
+        low=0,
+        open_low=True,
+        group="spectral",
+    ),
+}
+
 
 def make_propagator(params: dict[str, Any]) -> PropagationMethod:
-    """The propagation method named by ``params["propagator"]`` ("diffusion" | "spectral" |
-    "nn"), built from the entries of ``params`` it accepts (``nn_sigma`` as the NN ``sigma``)."""
-    name = params["propagator"]
-    if name not in PROPAGATORS:
-        raise ProtocolError(f"propagator must be one of {sorted(PROPAGATORS)}, not {name!r}")
-    cls = PROPAGATORS[name]
-    kwargs = {k: v for k, v in params.items() if k in cls.defaults}
-    if name == "nn":
-        kwargs["sigma"] = params["nn_sigma"]
+    """The propagation method named by ``params["propagator"]``, built from the entries of
+    ``params`` it accepts (``vote_temperature`` None: the propagator's default)."""
+    cls = PROPAGATORS[params["propagator"]]
+    kwargs = {k: v for k, v in params.items() if k in cls.schema and v is not None}
     return cls(**kwargs)
 
 
@@ -478,50 +472,39 @@ def make_propagator(params: dict[str, Any]) -> PropagationMethod:
 class PropagationClassifier(PropagationMethod):
     """Metric transfer pipeline: propagate to the unlabeled pool, then the eq. 10 classifier.
 
-    ``propagator``: "diffusion" | "spectral" | "nn" (its parameters are accepted here too;
-    ``sigma``/``nn_sigma`` multiply the cosine in eq. 5, ``temperature`` divides the edge
-    similarity); pseudo-labels: ``tau`` (divides: ``softmax(z / τ)``), ``min_alpha`` (0.01),
-    ``k_per_class``, ``top_k``; classifier: ``l2``, ``logreg_iter``. Loss
-    ``-(1/N) Σ α_i log p(ŷ_i)`` with α = 1 for the support. Queries are scored by the
-    classifier only (inductive with respect to the queries).
+    ``propagator``: "diffusion" | "spectral" | "nn" (its parameters are accepted here too);
+    pseudo-labels: ``confidence_temperature``, ``min_alpha`` (0.01), ``k_per_class``, ``top_k``;
+    classifier: ``l2``, ``logreg_iter``. Loss ``-(1/N) Σ α_i log p(ŷ_i)`` with α = 1 for the
+    support. Queries are scored by the classifier one at a time (they never enter the graph).
     """
 
-    defaults = {
-        **GRAPH_DEFAULTS,
-        **DIFFUSION_DEFAULTS,
-        **SPECTRAL_DEFAULTS,
-        **CONFIDENCE_DEFAULTS,
-        "propagator": "diffusion",
-        "nn_sigma": 20.0,
-        "l2": 1e-3,
-        "logreg_iter": 100,
-    }
+    schema = {**PROPAGATOR, **LOGREG}
 
-    def task_setting(self, task: Task) -> str:
-        """Queries never enter the graph; with no unlabeled pool this is plain (inductive) eq. 10."""
-        return self.setting if task.unlabeled.shape[0] else "inductive"
-
-    def _propagator(self) -> PropagationMethod:
-        return make_propagator(self.params)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        #: the last task's pseudo-labels (indices into task.unlabeled, labels, α), for inspection
+        self.last_pseudo_labels: PseudoLabels | None = None
 
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        return self._propagator().propagate_unlabeled(task, ctx)
+        return make_propagator(self.params).propagate_unlabeled(task, ctx)
 
-    def _predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
+    def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:
         p = self.params
-        sup, unl, qry = prepare_task_features(task, ctx, p["normalize"])
+        f = feature_transform(task, p["normalize"], ctx.device)
+        sup, unl = f(task.support), f(task.unlabeled.reshape(-1, task.support.shape[1]))
         labels = task.support_labels.to(ctx.device).long()
         x, y, w = sup, labels, torch.ones(sup.shape[0], device=ctx.device)
-        if unl.shape[0]:
-            pl = select_pseudo_labels(self.propagate_unlabeled(task, ctx).to(ctx.device), p)
-            self.last_pseudo_labels = pl
-            x = torch.cat([sup, unl[pl.indices]])
-            y = torch.cat([labels, pl.labels])
-            w = torch.cat([w, pl.alpha])
-        clf = fit_weighted_logreg(
-            x, y, task.n_way, w, l2=float(p["l2"]), max_iter=int(p["logreg_iter"])
-        )
-        return clf(qry).log_softmax(1).cpu()
+        with self._few_threads(task, ctx):
+            if unl.shape[0]:
+                pl = select_pseudo_labels(self.propagate_unlabeled(task, ctx).to(ctx.device), p)
+                self.last_pseudo_labels = pl
+                x = torch.cat([sup, unl[pl.indices]])
+                y = torch.cat([labels, pl.labels])
+                w = torch.cat([w, pl.alpha])
+            clf = fit_weighted_logreg(
+                x, y, task.n_way, w, l2=float(p["l2"]), max_iter=int(p["logreg_iter"])
+            )
+        return lambda query: clf(f(query)).log_softmax(1)
 
 
 def pseudo_label_unlabeled(
@@ -532,7 +515,7 @@ def pseudo_label_unlabeled(
     k: int | None = None,
     k_per_class: int | None = None,
     min_alpha: float = 0.01,
-    tau: float = 1.0,
+    confidence_temperature: float = 1.0,
     **params: Any,
 ) -> PseudoLabels:
     """Top confident pseudo-labels for ``task.unlabeled``, for use by other methods.
@@ -549,11 +532,12 @@ def pseudo_label_unlabeled(
     with few_threads(ctx.device.type == "cpu" and n <= SMALL_PROBLEM_NODES):
         scores = PROPAGATORS[propagator](**params).propagate_unlabeled(task, ctx)
     return confident_pseudo_labels(
-        scores, k=k, k_per_class=k_per_class, min_alpha=min_alpha, tau=tau
+        scores, k=k, k_per_class=k_per_class, min_alpha=min_alpha, tau=confidence_temperature
     )
 
 
 __all__ = [
+    "PROPAGATOR",
     "Diffusion",
     "DiffusionLogreg",
     "NNPropagation",

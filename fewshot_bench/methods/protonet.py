@@ -4,8 +4,8 @@
 (e.g. Omniglot's Vinyals trainval classes, rotations as classes) with a higher way at training
 than at test, as in the paper (60-way for Omniglot), Adam with the learning rate halved every
 ``lr_decay_every`` steps. ``predict`` embeds support and queries (eval mode), takes class means
-as prototypes and scores queries by negative squared Euclidean distance; ``predict_batch`` embeds
-every image of a batch of same-shaped tasks in one pass.
+as prototypes and scores each query by negative squared Euclidean distance; ``fit_tasks`` embeds
+the support images of a batch of same-shaped tasks in one pass.
 
 Parameters: ``arch`` (``conv4``, ``resnet12``, ``wrn-28-2``, ...), ``train_way``, ``train_shot``,
 ``train_query``, ``lr``, ``lr_decay_every`` (0 = constant), ``steps`` (training steps when the
@@ -15,6 +15,7 @@ it is used as is), ``amp`` (bfloat16 autocast, CUDA only).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,11 +25,10 @@ from tqdm import tqdm
 
 from fewshot_bench.backbones.nets import Backbone
 from fewshot_bench.errors import FsbenchError, ProtocolError
-from fewshot_bench.methods.base import FitSource, Method, TaskContext
+from fewshot_bench.methods.base import FitSource, Method, Scorer, TaskContext
 from fewshot_bench.methods.episodic import (
     EpisodeSampler,
     TrainingLog,
-    autocast,
     embed,
     group_by_shape,
     image_geometry,
@@ -36,12 +36,14 @@ from fewshot_bench.methods.episodic import (
     prototypes,
     require_images,
     resolve_steps,
-    seeded,
     seeded_backbone,
     sq_distances,
     step_lr,
 )
+from fewshot_bench.methods.param_groups import training
+from fewshot_bench.methods.params import Param, grouped
 from fewshot_bench.methods.registry import register_method
+from fewshot_bench.runtime import autocast, seeded
 from fewshot_bench.tasks.task import Task
 
 
@@ -51,16 +53,19 @@ class ProtoNet(Method):
 
     consumes = "images"
     setting = "inductive"
-    defaults: dict[str, Any] = {
-        "arch": "conv4",
-        "train_way": 60,
-        "train_shot": 1,
-        "train_query": 5,
-        "lr": 1e-3,
-        "lr_decay_every": 2000,
-        "steps": 2000,
-        "init": "",
-        "amp": True,
+    schema = {
+        **training(steps=2000, lr=1e-3),
+        **grouped(
+            "episodes",
+            {
+                "train_way": Param(60, "classes per training episode", low=2),
+                "train_shot": Param(1, "support items per class in training episodes", low=1),
+                "train_query": Param(5, "query items per class in training episodes", low=1),
+                "lr_decay_every": Param(
+                    2000, "halve the learning rate every this many steps (0: never)", low=0
+                ),
+            },
+        ),
     }
     #: whether the scoring rule reads ``task.unlabeled`` (the semi-supervised subclasses do)
     uses_unlabeled = False
@@ -129,20 +134,6 @@ class ProtoNet(Method):
         if self.extra is not None:
             self.extra.to(device)
 
-    # ---------------------------------------------------------------- scoring rule
-    def scores(
-        self,
-        support: torch.Tensor,
-        support_labels: torch.Tensor,
-        unlabeled: torch.Tensor,
-        query: torch.Tensor,
-        n_way: int,
-    ) -> torch.Tensor:
-        """Batched scores ``[B, n_query, n_way]`` from embeddings ``[B, n, D]``; ``unlabeled``
-        is ignored here (``[B, 0, D]`` when the task has none)."""
-        protos = prototypes(support, support_labels, n_way)
-        return -sq_distances(query, protos)
-
     # ---------------------------------------------------------------- training
     def fit(self, source: FitSource, budget: int | None, ctx: TaskContext) -> None:
         """Episodic training on the base classes of ``source`` for ``budget`` (or ``steps``) steps."""
@@ -198,11 +189,28 @@ class ProtoNet(Method):
         self.backbone.eval()
 
     # ---------------------------------------------------------------- evaluation
-    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        return self.predict_batch([task], [ctx])[0]
+    def class_prototypes(
+        self, support: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
+        """Prototypes ``[B, C, D]`` from embedded support (and unlabeled items, subclasses)."""
+        return prototypes(support, labels, n_way)
 
-    def predict_batch(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[torch.Tensor]:
-        """Scores of several tasks; same-shaped tasks share one forward pass."""
+    def scores(
+        self,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        unlabeled: torch.Tensor,
+        query: torch.Tensor,
+        n_way: int,
+    ) -> torch.Tensor:
+        """Negative squared distances of embedded queries to the prototypes ``[B, Q, C]``."""
+        return -sq_distances(
+            query, self.class_prototypes(support, support_labels, unlabeled, n_way)
+        )
+
+    def fit_tasks(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[Scorer]:
+        """Prototypes of each task (same-shaped tasks share one forward pass); the scorer
+        embeds each query and returns its negative squared distances to them."""
         if not tasks:
             return []
         device = ctxs[0].device
@@ -215,28 +223,25 @@ class ProtoNet(Method):
                     f"{self.name}: trained on {self.geometry[0]}-channel images, the task has "
                     f"{t.support.shape[1]}"
                 )
-        out: list[torch.Tensor | None] = [None] * len(tasks)
+        out: list[Scorer | None] = [None] * len(tasks)
+        backbone = self.backbone
         for group in group_by_shape(tasks):
             batch = [tasks[i] for i in group]
-            ns, nu, nq = (
-                batch[0].n_support,
-                batch[0].unlabeled.shape[0],
-                batch[0].query.shape[0],
-            )
+            ns, nu = batch[0].n_support, batch[0].unlabeled.shape[0]
             if not self.uses_unlabeled:
                 nu = 0
-            parts = [torch.cat([t.support, t.unlabeled[:nu], t.query]) for t in batch]
-            emb = embed(self.backbone, torch.cat(parts), device)
-            emb = emb.view(len(batch), ns + nu + nq, -1)
+            parts = [torch.cat([t.support, t.unlabeled[:nu]]) for t in batch]
+            emb = embed(backbone, torch.cat(parts), device).view(len(batch), ns + nu, -1)
             labels = torch.stack([t.support_labels for t in batch]).to(device)
             with torch.no_grad():
-                scores = self.scores(
-                    emb[:, :ns],
-                    labels,
-                    emb[:, ns : ns + nu],
-                    emb[:, ns + nu :],
-                    batch[0].n_way,
-                )
+                protos = self.class_prototypes(emb[:, :ns], labels, emb[:, ns:], batch[0].n_way)
             for j, i in enumerate(group):
-                out[i] = scores[j].float().cpu()
-        return [s for s in out if s is not None]
+                out[i] = functools.partial(_prototype_scores, backbone, protos[j], device)
+        return out  # type: ignore[return-value]
+
+
+def _prototype_scores(
+    backbone: Backbone, protos: torch.Tensor, device: torch.device, query: torch.Tensor
+) -> torch.Tensor:
+    with torch.no_grad():
+        return -sq_distances(embed(backbone, query, device), protos).float()

@@ -47,7 +47,15 @@ def _load_plugins() -> None:
     _plugins_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()  # a module (registers on import) or a Method subclass
-        if isinstance(obj, type) and issubclass(obj, Method) and ep.name not in _REGISTRY:
+        if not (isinstance(obj, type) and issubclass(obj, Method)):
+            continue
+        registered = next((n for n, c in _REGISTRY.items() if c is obj), None)
+        if registered is not None and registered != ep.name:
+            raise ProtocolError(
+                f"plugin entry point {ep.name!r} ({ep.value}) names a class registered as "
+                f"{registered!r}: give the entry point and @register_method the same name"
+            )
+        if registered is None:
             register_method(ep.name)(obj)
 
 

@@ -1,17 +1,20 @@
-"""Baselines on frozen features: nearest prototype and logistic regression.
+"""Baselines on frozen features: nearest prototype and logistic regression (inductive).
 
-Both score every task on its own, so a task's scores do not depend on the other tasks of the
-batch ``predict_batch`` receives: nearest-prototype runs task by task, logistic regression
-fits a batch with a solver whose every decision (step length, line search, stopping) is per
-task.
+Both fit every task on its own, so a task's scores do not depend on the other tasks of the
+batch ``fit_tasks`` receives: logistic regression fits a batch with a solver whose every
+decision (step length, line search, stopping) is per task.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from fewshot_bench.methods.base import Method, TaskContext
+from fewshot_bench.methods.base import Method, Scorer, TaskContext
+from fewshot_bench.methods.param_groups import NORMALIZE
+from fewshot_bench.methods.params import Param
 from fewshot_bench.methods.registry import register_method
 from fewshot_bench.tasks.task import Task
 
@@ -23,9 +26,23 @@ NEWTON_MAX_PARAMS = 256
 HESSIAN_BUDGET = 1 << 18
 
 
-def prepare_features(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    x = x.float()
-    return F.normalize(x, dim=-1) if normalize else x
+def feature_transform(
+    task: Task, mode: str, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``normalize`` mode (``l2``, ``center-l2``, ``none``) as a function of feature rows.
+
+    ``center-l2`` subtracts the mean of the items the method was given before its queries
+    (support and, if any, unlabeled pool), so a query's features never depend on other queries.
+    """
+    if mode == "none":
+        return lambda x: x.to(device, torch.float32)
+    if mode == "l2":
+        return lambda x: F.normalize(x.to(device, torch.float32), dim=-1)
+    if mode != "center-l2":
+        raise ValueError(f"normalize must be l2, center-l2 or none, not {mode!r}")
+    given = torch.cat([task.support, task.unlabeled.reshape(-1, *task.support.shape[1:])])
+    mean = given.to(device, torch.float32).mean(0, keepdim=True)
+    return lambda x: F.normalize(x.to(device, torch.float32) - mean, dim=-1)
 
 
 def class_means(x: torch.Tensor, y: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -37,22 +54,16 @@ def class_means(x: torch.Tensor, y: torch.Tensor, n_way: int) -> torch.Tensor:
 
 @register_method("nearest-prototype")
 class NearestPrototype(Method):
-    """Each class is the mean of its support features; queries score by negative squared distance.
-
-    Runs task by task (``predict_batch`` is the default loop): stacking tasks saves nothing at
-    this size and batched kernels round differently from single ones.
-    """
+    """Each class is the mean of its support features; queries score by negative squared distance."""
 
     consumes = "features"
     setting = "inductive"
-    defaults = {"normalize": True}
+    schema = {"normalize": NORMALIZE}
 
-    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        norm = self.params["normalize"]
-        sup = prepare_features(task.support.to(ctx.device), norm)
-        qry = prepare_features(task.query.to(ctx.device), norm)
-        protos = class_means(sup, task.support_labels.to(ctx.device).long(), task.n_way)
-        return (-torch.cdist(qry, protos).pow(2)).cpu()
+    def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:
+        f = feature_transform(task, self.params["normalize"], ctx.device)
+        protos = class_means(f(task.support), task.support_labels.to(ctx.device).long(), task.n_way)
+        return lambda query: -torch.cdist(f(query), protos).pow(2)
 
 
 @register_method("logistic-regression")
@@ -65,67 +76,73 @@ class LogisticRegression(Method):
     the full primal). Tasks with at most :data:`NEWTON_MAX_PARAMS` parameters are fitted in float64
     by :func:`fit_logistic_newton` -- batched, with per-task line search and stopping, converged
     to machine precision -- larger ones by one L-BFGS run each (:func:`fit_logistic_lbfgs`).
-    Either way a task's scores do not depend on its batch mates. ``max_iter`` caps the Newton
-    (or L-BFGS) iterations.
+    Either way a task's scores do not depend on its batch mates.
     """
 
     consumes = "features"
     setting = "inductive"
-    defaults = {"normalize": True, "l2": 1e-3, "max_iter": 100}
-    version = "2"  # 1: one L-BFGS run on the sum of a batch's objectives (coupled the tasks)
+    schema = {
+        "normalize": NORMALIZE,
+        "l2": Param(1e-3, "L2 penalty on the weights", low=0),
+        "max_iter": Param(100, "Newton (or L-BFGS) iterations", low=1),
+    }
 
-    def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        return self.predict_batch([task], [ctx])[0]
-
-    def predict_batch(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[torch.Tensor]:
-        out: list[torch.Tensor | None] = [None] * len(tasks)
+    def fit_tasks(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[Scorer]:
+        out: list[Scorer | None] = [None] * len(tasks)
         groups: dict[tuple, list[int]] = {}
         for i, (t, c) in enumerate(zip(tasks, ctxs, strict=True)):
-            key = (tuple(t.support.shape), tuple(t.query.shape), t.n_way, c.device)
-            groups.setdefault(key, []).append(i)
-        for ((n, dim), _, n_way, device), idx in groups.items():
+            groups.setdefault((tuple(t.support.shape), t.n_way, c.device), []).append(i)
+        for ((n, dim), n_way, device), idx in groups.items():
             n_params = (min(n, dim) + 1) * n_way
             budget = HESSIAN_BUDGET * (1 if device.type == "cpu" else 64)
             chunk = max(1, budget // n_params**2) if n_params <= NEWTON_MAX_PARAMS else 1
             for s in range(0, len(idx), chunk):
                 part = idx[s : s + chunk]
-                scores = self._fit_predict([tasks[i] for i in part], device)
-                for i, score in zip(part, scores, strict=True):
-                    out[i] = score
+                scorers = self._fit([tasks[i] for i in part], device)
+                for i, scorer in zip(part, scorers, strict=True):
+                    out[i] = scorer
         return out  # type: ignore[return-value]
 
-    def _fit_predict(self, tasks: list[Task], device: torch.device) -> list[torch.Tensor]:
-        """Log-probabilities of the queries of same-shaped ``tasks``, each fitted independently."""
-        norm, n_way = self.params["normalize"], tasks[0].n_way
+    def _fit(self, tasks: list[Task], device: torch.device) -> list[Scorer]:
+        """Scorers of same-shaped ``tasks``, each fitted independently."""
+        n_way = tasks[0].n_way
         l2, max_iter = float(self.params["l2"]), int(self.params["max_iter"])
-        sup = prepare_features(torch.stack([t.support for t in tasks]).to(device), norm)
-        qry = prepare_features(torch.stack([t.query for t in tasks]).to(device), norm)
+        transforms = [feature_transform(t, self.params["normalize"], device) for t in tasks]
+        sup = torch.stack([f(t.support) for f, t in zip(transforms, tasks, strict=True)])
         y = torch.stack([t.support_labels for t in tasks]).to(device).long()
-        z, zq = span_coordinates(sup.double(), qry.double())
+        z, basis = span_coordinates(sup.double())
         if (z.shape[2] + 1) * n_way <= NEWTON_MAX_PARAMS:
             theta = fit_logistic_newton(z, y, n_way, l2, max_iter)
         else:
             theta = torch.stack(
                 [fit_logistic_lbfgs(z[i], y[i], n_way, l2, max_iter) for i in range(len(tasks))]
             )
-        logits = zq @ theta[:, :-1] + theta[:, -1:]
-        return list(logits.log_softmax(-1).float().cpu().unbind(0))
+
+        def scorer(i: int) -> Scorer:
+            f, th, q = transforms[i], theta[i], None if basis is None else basis[i]
+
+            def score(query: torch.Tensor) -> torch.Tensor:
+                zq = f(query).double()
+                zq = zq if q is None else zq @ q
+                return (zq @ th[:-1] + th[-1:]).log_softmax(-1).float()
+
+            return score
+
+        return [scorer(i) for i in range(len(tasks))]
 
 
-def span_coordinates(
-    support: torch.Tensor, query: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Support and query features ``[B, n, D]``/``[B, m, D]`` in an orthonormal basis of each
-    task's support span (``r = n < D`` coordinates; unchanged when ``n >= D``).
+def span_coordinates(support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Support features ``[B, n, D]`` in an orthonormal basis of each task's support span
+    (``r = n < D`` coordinates) and that basis ``[B, D, r]`` (``None``: unchanged, ``n >= D``).
 
     Inner products with vectors of the span, and so the logistic regression and its L2 penalty,
-    are unchanged: ``z zᵀ = S Sᵀ``.
+    are unchanged: ``z zᵀ = S Sᵀ``; a query ``x`` has coordinates ``x @ basis``.
     """
     n, dim = support.shape[-2:]
     if n >= dim:
-        return support, query
+        return support, None
     q, r = torch.linalg.qr(support.transpose(-1, -2))  # S^T = Q R, Q [B, D, n]
-    return r.transpose(-1, -2), query @ q
+    return r.transpose(-1, -2), q
 
 
 def fit_logistic_newton(

@@ -33,20 +33,25 @@ normalised distances d̃ are ≈ 0.3 (own class) and ≈ 1.05 (distractors), so
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from fewshot_bench.methods.episodic import prototypes, sq_distances
+from fewshot_bench.methods.params import Param, Schema, grouped
 from fewshot_bench.methods.protonet import ProtoNet
 from fewshot_bench.methods.registry import register_method
 
-SEMI_DEFAULTS: dict[str, Any] = {
-    **ProtoNet.defaults,
-    "refine_steps": 1,
-    "train_unlabeled": 5,
-    "train_distractors": 5,
+SEMI_SCHEMA: Schema = {
+    **ProtoNet.schema,
+    **grouped(
+        "semi-supervised",
+        {
+            "refine_steps": Param(1, "soft k-means refinements of the prototypes", low=0),
+            "train_unlabeled": Param(5, "unlabeled items per class in training episodes", low=0),
+            "train_distractors": Param(5, "distractor classes in training episodes", low=0),
+        },
+    ),
 }
 
 
@@ -69,7 +74,7 @@ class _SemiProtoNet(ProtoNet):
     """Shared scoring: ``refine_steps`` refinements, then ProtoNet's distance scores."""
 
     setting = "semi-supervised"
-    defaults = SEMI_DEFAULTS
+    schema = SEMI_SCHEMA
     uses_unlabeled = True
 
     def unlabeled_weights(
@@ -93,15 +98,10 @@ class _SemiProtoNet(ProtoNet):
             protos = refine_prototypes(support, support_labels, unlabeled, protos, w)
         return protos
 
-    def scores(
-        self,
-        support: torch.Tensor,
-        support_labels: torch.Tensor,
-        unlabeled: torch.Tensor,
-        query: torch.Tensor,
-        n_way: int,
+    def class_prototypes(
+        self, support: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor, n_way: int
     ) -> torch.Tensor:
-        return -sq_distances(query, self.refine(support, support_labels, unlabeled, n_way))
+        return self.refine(support, labels, unlabeled, n_way)
 
 
 @register_method("soft-kmeans")
@@ -124,7 +124,10 @@ class DistractorRadius(nn.Module):
 class SoftKMeansCluster(_SemiProtoNet):
     """Soft k-means with an extra distractor cluster at the origin of learned radius (Ren et al.)."""
 
-    defaults = {**SEMI_DEFAULTS, "radius_init": 3.0}
+    schema = {
+        **SEMI_SCHEMA,
+        "radius_init": Param(3.0, "initial distractor-cluster radius", low=0, open_low=True),
+    }
 
     def build_extra(self) -> nn.Module:
         return DistractorRadius(float(self.params["radius_init"]))
@@ -169,7 +172,11 @@ class MaskMLP(nn.Module):
 class MaskedSoftKMeans(_SemiProtoNet):
     """Soft k-means whose unlabeled contributions are masked by per-cluster thresholds (Ren et al.)."""
 
-    defaults = {**SEMI_DEFAULTS, "mask_threshold": 0.6, "mask_slope": 10.0}
+    schema = {
+        **SEMI_SCHEMA,
+        "mask_threshold": Param(0.6, "initial soft-mask threshold on normalised distances"),
+        "mask_slope": Param(10.0, "initial soft-mask slope", low=0, open_low=True),
+    }
 
     def build_extra(self) -> nn.Module:
         return MaskMLP(float(self.params["mask_threshold"]), float(self.params["mask_slope"]))

@@ -24,6 +24,7 @@ arrive as raw float32 bytes, trained states as ``torch.save`` bytes the runner s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import io
 import itertools
@@ -37,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -119,6 +120,70 @@ def decode_scores(meta: dict[str, Any], blobs: list[bytes]) -> list[torch.Tensor
     ]
 
 
+_CHUNKS = itertools.count()
+
+
+def given_task(task: Task, setting: str) -> Task:
+    """What a method of ``setting`` receives before its queries: no queries, and no unlabeled
+    pool unless it is semi-supervised."""
+    empty_q = task.query[:0]
+    if setting == "semi-supervised":
+        return replace(task, query=empty_q)
+    return replace(task, query=empty_q, unlabeled=task.unlabeled[:0])
+
+
+def recorded_setting(task: Task, setting: str) -> str:
+    """The setting a row records: what the runner gave the method on ``task``."""
+    if setting == "semi-supervised" and task.unlabeled.shape[0] == 0:
+        return "inductive"
+    return setting
+
+
+def deliver(
+    call: Callable[..., tuple[dict[str, Any], list[bytes]]],
+    handle: MethodHandle,
+    tasks: list[Task],
+    seeds: list[int],
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Run ``tasks`` through one worker under the method's setting; ``call(op, *args)`` is a
+    blocking request to that worker.
+
+    Transductive methods get whole tasks in one request. The others first get the tasks
+    without queries (``fit``), then one query per task per ``score`` request, each sent after
+    the previous answer came back: a query is scored before the method sees the next, so no
+    method can use its queries jointly, whatever code it runs in its worker."""
+    setting = handle.info["setting"]
+    if setting == "transductive":
+        meta, blobs = call("predict", handle.hid, tasks, seeds, handle.device)
+        return decode_scores(meta, blobs), [setting] * len(tasks)
+    # several chunks of one method may be in flight on one worker (Ray actors): each chunk's
+    # scorers live under their own key
+    key = (handle.hid, next(_CHUNKS))
+    call("fit", key, [given_task(t, setting) for t in tasks], seeds, handle.device)
+    rows: list[list[torch.Tensor]] = [[] for _ in tasks]
+    n_query = [int(t.query.shape[0]) for t in tasks]
+    try:
+        for r in range(max(n_query, default=0)):
+            live = [i for i, n in enumerate(n_query) if r < n]
+            meta, blobs = call("score", key, [(i, tasks[i].query[r : r + 1]) for i in live])
+            for i, s in zip(live, decode_scores(meta, blobs), strict=True):
+                if s.shape != (1, tasks[i].n_way):
+                    raise MethodError(
+                        f"method {handle.name!r} scored one query with shape {tuple(s.shape)}; "
+                        f"expected (1, {tasks[i].n_way})"
+                    )
+                rows[i].append(s)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the worker may be gone; keep the first error
+            call("drop", key)
+        raise
+    call("drop", key)
+    scores = [
+        torch.cat(r) if r else torch.zeros(0, t.n_way) for r, t in zip(rows, tasks, strict=True)
+    ]
+    return scores, [recorded_setting(t, setting) for t in tasks]
+
+
 class ProcessExecutor:
     """One worker process; requests are answered in order.
 
@@ -192,8 +257,7 @@ class ProcessExecutor:
         self, handle: MethodHandle, tasks: list[Task], seeds: list[int]
     ) -> tuple[list[torch.Tensor], list[str]]:
         """Scores of each task (float32 on the CPU) and the setting each ran in."""
-        meta, blobs = self._call("predict", handle.hid, tasks, seeds, handle.device)
-        return decode_scores(meta, blobs), [str(s) for s in meta["settings"]]
+        return deliver(self._call, handle, tasks, seeds)
 
     def release(self, handle: MethodHandle) -> None:
         if self.alive:

@@ -32,6 +32,7 @@ import socket
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +45,11 @@ from fewshot_bench.run.executor import (
     MethodSpec,
     Pending,
     check_same_info,
-    decode_scores,
+    deliver,
     map_in_chunks,
     raise_for_error,
 )
+from fewshot_bench.run.worker import LOST_CHUNK
 from fewshot_bench.tasks.task import Task
 
 __all__ = ["INSTALL_HINT", "RayExecutor", "RayWorker", "Resources", "import_ray", "parse_memory"]
@@ -204,17 +206,18 @@ class RayWorker:
         self._call(("release", -1))
         return meta, []
 
-    def predict(
-        self, hid: int, opener_ref: list, tasks: list[Task], seeds: list[int], device: str
+    def call(
+        self, hid: int, opener_ref: list, request: tuple
     ) -> tuple[dict[str, Any], list[bytes]]:
-        """Scores of a chunk; rebuilds the method first when this actor was restarted."""
+        """One request about method ``hid`` (``predict``, ``fit``, ``score``, ``drop``); rebuilds
+        the method first when this actor was restarted (a lost ``fit`` then fails ``score``)."""
         if self._worker is None or hid not in self._worker.methods:
             import ray
 
             meta, _ = self.open(hid, ray.get(opener_ref[0]))
             if "error" in meta:
                 return meta, []
-        return self._call(("predict", hid, tasks, seeds, device))
+        return self._call(request)
 
     def release(self, hid: int) -> tuple[dict[str, Any], list[bytes]]:
         return self._call(("release", hid))
@@ -227,7 +230,7 @@ class _Pool:
     resources: Resources
     actors: list[Any]
     where: list[dict[str, Any]]
-    inflight: list[list[Any]]
+    inflight: list[int]  # chunks in flight per actor
     handles: set[int] = field(default_factory=set)
 
 
@@ -275,6 +278,8 @@ class RayExecutor:
         default = Resources(num_gpus=1.0 if str(device).startswith("cuda") else 0.0)
         self._resources = resources or (lambda spec: default)
         self._ids = itertools.count(1)
+        #: driver threads that carry chunks' request sequences (see ``submit``)
+        self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fsbench-ray")
         self._pools: dict[Resources, _Pool] = {}
         self._opened: dict[int, _Opened] = {}
         self._owns_ray = False
@@ -346,7 +351,7 @@ class RayExecutor:
                 f"{n} Ray workers of {res} each did not all start within {self.start_timeout:.0f} s; "
                 f"the cluster has {self._cluster_text()}: lower --jobs or the method's resources"
             ) from None
-        pool = _Pool(res, actors, where, [[] for _ in actors])
+        pool = _Pool(res, actors, where, [0 for _ in actors])
         self._pools[res] = pool
         if self.verbose:
             listing = ", ".join(
@@ -457,28 +462,38 @@ class RayExecutor:
 
     def _least_busy(self, opened: _Opened) -> int:
         pool = opened.pool
-        for i in opened.members:
-            if pool.inflight[i]:
-                _, pool.inflight[i] = self.ray.wait(
-                    pool.inflight[i], num_returns=len(pool.inflight[i]), timeout=0
-                )
-        return min(opened.members, key=lambda i: (len(pool.inflight[i]), i))
+        return min(opened.members, key=lambda i: (pool.inflight[i], i))
 
     def submit(self, handle: MethodHandle, tasks: list[Task], seeds: list[int]) -> Pending:
-        """Send one chunk to the least busy actor holding the method."""
+        """Send one chunk to the least busy actor holding the method (its requests run in a
+        driver thread, so several chunks proceed at once)."""
         opened = self._opened[handle.hid]
         i = self._least_busy(opened)
-        ref = opened.pool.actors[i].predict.remote(
-            handle.hid, [opened.opener], list(tasks), list(seeds), opened.device
-        )
-        opened.pool.inflight[i].append(ref)
+        actor = opened.pool.actors[i]
 
-        def get() -> tuple[list[torch.Tensor], list[str], float]:
-            meta, blobs = self._get(ref, "predict")
-            settings = [str(s) for s in meta["settings"]]
-            return decode_scores(meta, blobs), settings, float(meta["seconds"])
+        def call(*request: Any) -> tuple[dict[str, Any], list[bytes]]:
+            ref = actor.call.remote(handle.hid, [opened.opener], request)
+            return self._get(ref, str(request[0]))
 
-        return Pending(get)
+        def work() -> tuple[list[torch.Tensor], list[str], float]:
+            start = time.perf_counter()
+            try:
+                for attempt in range(3):
+                    try:
+                        scores, settings = deliver(call, handle, list(tasks), list(seeds))
+                        break
+                    except MethodError as exc:
+                        # Ray restarted the actor between fit and score: run the chunk again
+                        if LOST_CHUNK not in str(exc) or attempt == 2:
+                            raise
+            finally:
+                opened.pool.inflight[i] -= 1
+            return scores, settings, time.perf_counter() - start
+
+        opened.pool.inflight[i] += 1
+
+        future = self._threads.submit(work)
+        return Pending(future.result)
 
     def map(
         self, handle: MethodHandle, tasks: list[Task], seeds: list[int]
@@ -499,6 +514,7 @@ class RayExecutor:
             pass
 
     def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
         for pool in list(self._pools.values()):
             self._kill(pool)
         self._opened.clear()

@@ -33,30 +33,12 @@ from fewshot_bench.run.executor import MethodError, MethodHandle, MethodSpec, sh
 from fewshot_bench.run.features import pool_features
 from fewshot_bench.run.provenance import backbone_hash, git_commit, hardware, referenced_files
 from fewshot_bench.run.store import ResultRow, ResultsStore, config_json
+from fewshot_bench.runtime import resolve_device
 from fewshot_bench.tasks.manifest import Manifest, load_task_sets
 from fewshot_bench.tasks.protocol import Pool, Protocol, load_pool
 from fewshot_bench.tasks.task import task_truth
 
 __all__ = ["RunSummary", "as_spec", "resolve_device", "run_protocol", "score_task", "task_seed"]
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise FsbenchError(
-            f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FsbenchError(
-            "--device cuda asked for, but torch sees no CUDA device; use --device auto or cpu"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise FsbenchError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def as_spec(method: MethodSpec | Method) -> MethodSpec:

@@ -140,7 +140,7 @@ def _str_list(path: Path, key: str, value: Any, example: str) -> list[str]:
 
 
 def _method(path: Path, i: int, entry: Any) -> SweepMethod:
-    from fewshot_bench.cli import parse_method_spec
+    from fewshot_bench.methods.params import parse_method_spec
 
     where = f"methods[{i}]"
     if isinstance(entry, str):

@@ -62,7 +62,12 @@ def _load_file_module(path: str) -> Any:
 
 
 def load_plugin(ref: str) -> Any:
-    """Import a plugin given as a module name or a ``.py`` file path (registers its methods)."""
+    """Import a plugin given as a module name or a ``.py`` file path (registers its methods);
+    ``MODULE:Class`` or ``FILE.py:Class`` also registers that class under its ``name`` (or,
+    when it has none, its class name in lower case)."""
+    where, colon, qualname = ref.rpartition(":")
+    if colon and where and qualname.isidentifier():
+        return _register_plugin_class(ref, load_plugin(where), qualname)
     if ref.endswith(".py"):
         if not Path(ref).is_file():
             raise FsbenchError(f"--plugin {ref}: no such file")
@@ -71,6 +76,19 @@ def load_plugin(ref: str) -> Any:
         return importlib.import_module(ref)
     except ImportError as exc:
         raise FsbenchError(f"--plugin {ref}: cannot import it ({exc})") from None
+
+
+def _register_plugin_class(ref: str, module: Any, qualname: str) -> Any:
+    from fewshot_bench.methods.base import Method
+    from fewshot_bench.methods.registry import available_methods, register_method
+
+    cls = getattr(module, qualname, None)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise FsbenchError(f"--plugin {ref}: {qualname} is not a Method subclass in that module")
+    registered = next((n for n, c in available_methods().items() if c is cls), None)
+    if registered is None:
+        register_method(cls.name if cls.name != "unnamed" else qualname.lower())(cls)
+    return module
 
 
 def resolve_class(spec: MethodSpec) -> type:
@@ -92,16 +110,27 @@ def resolve_class(spec: MethodSpec) -> type:
 
 def describe(method: Any, cls: type, spec: MethodSpec) -> dict[str, Any]:
     """What the runner needs to know about a built method (JSON-able)."""
+    from fewshot_bench.methods.base import SETTINGS
     from fewshot_bench.run.provenance import code_fingerprint
 
     name = cls.name if cls.name != "unnamed" else spec.name
+    if spec.name and spec.name != name:
+        raise FsbenchError(
+            f"method {spec.name!r} resolves to a class registered as {name!r}: rows would be "
+            f"recorded under another name; use -m {name} (one name for the entry point and "
+            "@register_method)"
+        )
     params = json.loads(json.dumps(method.params, default=str))
     defaults = json.loads(json.dumps(dict(cls.defaults), default=str))
     config = json.loads(json.dumps({**method.config(), "method": name}, default=str))
+    if method.setting not in SETTINGS:
+        raise FsbenchError(
+            f"method {name!r}: setting must be one of {SETTINGS}, not {method.setting!r}"
+        )
     return {
         "name": name,
         "consumes": cls.consumes,
-        "setting": cls.setting,
+        "setting": method.setting,
         "trains": bool(method.trains),
         "params": params,
         "changed": {k: v for k, v in params.items() if defaults.get(k, object()) != v},
@@ -112,11 +141,27 @@ def describe(method: Any, cls: type, spec: MethodSpec) -> dict[str, Any]:
     }
 
 
+#: The answer to ``score`` for a chunk this worker never adapted to (it was restarted since).
+LOST_CHUNK = "the worker lost this chunk's adapted state (it was restarted); run the chunk again"
+
+
+def score_blobs(outputs: list[Any]) -> tuple[dict[str, Any], list[bytes]]:
+    """Score tensors as float32 bytes and their shapes (what the runner decodes)."""
+    blobs, shapes = [], []
+    for out in outputs:
+        arr = torch.as_tensor(out).detach().float().cpu().numpy()
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        shapes.append(list(arr.shape))
+        blobs.append(arr.tobytes())
+    return {"shapes": shapes}, blobs
+
+
 class Worker:
     """Holds built methods by handle and answers the runner's requests."""
 
     def __init__(self) -> None:
         self.methods: dict[int, Any] = {}
+        self.scorers: dict[tuple[int, int], tuple[list[Any], str]] = {}
 
     def handle(self, request: tuple) -> tuple[dict[str, Any], list[bytes]]:
         op, *args = request
@@ -143,7 +188,17 @@ class Worker:
         info = describe(method, cls, spec)
         blobs: list[bytes] = []
         if state is not None:
-            loaded = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
+            try:
+                loaded = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - truncated, foreign or crafted: unusable
+                why = (
+                    "it holds objects other than tensors and plain values, refused unrun"
+                    if isinstance(exc, pickle.UnpicklingError)
+                    else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                )
+                raise FsbenchError(
+                    f"the trained state of {info['name']!r} is unreadable ({why})"
+                ) from None
             method.load_state_dict(loaded)
         elif fit is not None and info["trains"]:
             source = FitSource(**fit["source"])
@@ -159,6 +214,7 @@ class Worker:
     def op_predict(
         self, hid: int, tasks: list, seeds: list[int], device: str
     ) -> tuple[dict, list[bytes]]:
+        """Transductive methods: scores of whole tasks."""
         from fewshot_bench.methods.base import TaskContext
 
         method = self.methods[hid]
@@ -169,17 +225,43 @@ class Worker:
             raise FsbenchError(
                 f"method {method.name!r} returned {len(outputs)} score tensors for {len(tasks)} tasks"
             )
-        blobs, shapes = [], []
-        for out in outputs:
-            arr = torch.as_tensor(out).detach().float().cpu().numpy()
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-            shapes.append(list(arr.shape))
-            blobs.append(arr.tobytes())
-        settings = [method.task_setting(t) for t in tasks]
-        return {"shapes": shapes, "settings": settings}, blobs
+        return score_blobs(outputs)
+
+    def op_fit(
+        self, key: tuple[int, int], tasks: list, seeds: list[int], device: str
+    ) -> tuple[dict, list]:
+        """Inductive and semi-supervised methods: adapt method ``key[0]`` to tasks that carry no
+        queries; the scorers wait under ``key`` for ``score`` requests."""
+        from fewshot_bench.methods.base import TaskContext
+
+        method = self.methods[key[0]]
+        moved = [t.to(device) for t in tasks]
+        ctxs = [TaskContext.create(s, device) for s in seeds]
+        scorers = method.fit_tasks(moved, ctxs)
+        if len(scorers) != len(tasks):
+            raise FsbenchError(
+                f"method {method.name!r} returned {len(scorers)} scorers for {len(tasks)} tasks"
+            )
+        self.scorers[tuple(key)] = (list(scorers), device)
+        return {"ok": True}, []
+
+    def op_score(
+        self, key: tuple[int, int], rows: list[tuple[int, Any]]
+    ) -> tuple[dict, list[bytes]]:
+        """Scores of one query per listed task (``(task slot, query [1, ...])``)."""
+        if tuple(key) not in self.scorers:
+            raise FsbenchError(LOST_CHUNK)
+        scorers, device = self.scorers[tuple(key)]
+        return score_blobs([scorers[slot](query.to(device)) for slot, query in rows])
+
+    def op_drop(self, key: tuple[int, int]) -> tuple[dict, list[bytes]]:
+        self.scorers.pop(tuple(key), None)
+        return {"ok": True}, []
 
     def op_release(self, hid: int) -> tuple[dict, list[bytes]]:
         self.methods.pop(hid, None)
+        for key in [k for k in self.scorers if k[0] == hid]:
+            del self.scorers[key]
         return {"ok": True}, []
 
 
