@@ -252,6 +252,59 @@ def extend_to_out_nodes(
     return wt @ phi
 
 
+class Voters:
+    """The labeled side of eq. 5, prepared once: scores any number of targets later.
+
+    ``log z[u,c] = log( Σ_{i∈c} w_i exp(σ cos(i,u)) / Σ_{i∈c} w_i )``. Rows of both embeddings
+    are L2-normalised, so ``σ`` is an inverse temperature on a cosine in ``[-1, 1]`` (metric
+    transfer: σ = 40 on spectral embeddings); the class *mean* (not sum) keeps unbalanced label
+    sets unbiased. Classes without labels score ``-inf``.
+    """
+
+    def __init__(
+        self,
+        emb_labeled: torch.Tensor,
+        labels: torch.Tensor,
+        n_classes: int,
+        sigma: float,
+        *,
+        weights: torch.Tensor | None = None,
+        max_block: int = 2**25,
+    ) -> None:
+        a = torch.nn.functional.normalize(emb_labeled.float(), dim=1)
+        labels = labels.to(a.device).long()
+        w = (
+            torch.ones(a.shape[0], device=a.device)
+            if weights is None
+            else weights.to(a.device).float()
+        )
+        keep = w > 0
+        a, labels, w = a[keep], labels[keep], w[keep]
+        order = torch.argsort(labels, stable=True)
+        self.a_t = a[order].T.contiguous()  # [D, n_labeled], class by class
+        self.logw = w[order].log()
+        self.classes = labels[order][None, :]  # [1, n_labeled]
+        self.log_norm = (
+            torch.zeros(n_classes, device=a.device).index_add_(0, labels, w).clamp_min(1e-30).log()
+        )
+        self.sigma, self.n_classes = float(sigma), n_classes
+        self.chunk = max(1, max_block // max(1, a.shape[0]))  # [chunk, n_labeled] blocks
+
+    def __call__(self, emb_targets: torch.Tensor) -> torch.Tensor:
+        """Log-scores ``[n_targets, n_classes]`` (a per-class log-sum-exp: class maxima by one
+        scatter, then one exp and one scatter-add over all voters)."""
+        b = torch.nn.functional.normalize(emb_targets.float().to(self.a_t.device), dim=1)
+        out = torch.empty((b.shape[0], self.n_classes), device=b.device)
+        for s in range(0, b.shape[0], self.chunk):
+            logits = (self.sigma * (b[s : s + self.chunk] @ self.a_t)).add_(self.logw)
+            cls = self.classes.expand(logits.shape[0], -1)
+            top = torch.full_like(out[s : s + self.chunk], -torch.inf)
+            top.scatter_reduce_(1, cls, logits, "amax")
+            mass = torch.zeros_like(top).scatter_add_(1, cls, (logits - top.gather(1, cls)).exp_())
+            out[s : s + self.chunk] = top + mass.log()
+        return out - self.log_norm
+
+
 def vote(
     emb_labeled: torch.Tensor,
     labels: torch.Tensor,
@@ -262,36 +315,6 @@ def vote(
     weights: torch.Tensor | None = None,
     max_block: int = 2**25,
 ) -> torch.Tensor:
-    """Eq. 5 voting in log space: ``log z[u,c] = log( Σ_{i∈c} w_i exp(σ cos(i,u)) / Σ_{i∈c} w_i )``.
-
-    Rows of both embeddings are L2-normalised, so ``σ`` is an inverse temperature on a cosine
-    in ``[-1, 1]`` (metric transfer: σ = 40 on spectral embeddings); the class *mean* (not sum)
-    keeps unbalanced label sets unbiased. Classes without labels score ``-inf``.
-    """
-    a = torch.nn.functional.normalize(emb_labeled.float(), dim=1)
-    b = torch.nn.functional.normalize(emb_targets.float(), dim=1)
-    labels = labels.to(a.device).long()
-    w = torch.ones(a.shape[0], device=a.device) if weights is None else weights.to(a.device).float()
-    keep = w > 0
-    a, labels, w = a[keep], labels[keep], w[keep]
-    order = torch.argsort(labels, stable=True)
-    a, labels, logw = a[order], labels[order], w[order].log()
-    counts = torch.bincount(labels, minlength=n_classes).tolist()
-    log_norm = (
-        torch.zeros(n_classes, device=a.device)
-        .index_add_(0, labels, w[order])
-        .clamp_min(1e-30)
-        .log()
-    )
-    out = torch.full((b.shape[0], n_classes), -torch.inf, device=a.device)
-    chunk = max(
-        1, max_block // max(1, a.shape[0])
-    )  # [chunk, n_labeled] block of <= max_block floats
-    for s in range(0, b.shape[0], chunk):
-        logits = (sigma * (b[s : s + chunk] @ a.T)).add_(logw)  # [nt, nl]
-        start = 0
-        for c, cnt in enumerate(counts):
-            if cnt:
-                out[s : s + chunk, c] = torch.logsumexp(logits[:, start : start + cnt], dim=1)
-            start += cnt
-    return out - log_norm
+    """Eq. 5 voting in log space (see :class:`Voters`): log-scores ``[n_targets, n_classes]``."""
+    voters = Voters(emb_labeled, labels, n_classes, sigma, weights=weights, max_block=max_block)
+    return voters(emb_targets)

@@ -58,7 +58,7 @@ from fewshot_bench.graph.diffusion import (
     leave_some_out_folds,
     scores_to_log_probs,
 )
-from fewshot_bench.graph.spectral import extend_to_out_nodes, spectral_embedding, vote
+from fewshot_bench.graph.spectral import Voters, extend_to_out_nodes, spectral_embedding, vote
 from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES, few_threads
 from fewshot_bench.methods.base import Method, Scorer, TaskContext
 from fewshot_bench.methods.param_groups import (
@@ -418,7 +418,8 @@ class NNPropagation(PropagationMethod):
             x = torch.cat([sup, unl[pl.indices]])
             y = torch.cat([labels, pl.labels])
             w = torch.cat([torch.ones(sup.shape[0], device=ctx.device), pl.alpha])
-        return lambda query: vote(x, y, f(query), task.n_way, self._sigma(), weights=w)
+        voters = Voters(x, y, task.n_way, self._sigma(), weights=w)
+        return lambda query: voters(f(query))
 
 
 def select_pseudo_labels(scores: torch.Tensor, p: dict[str, Any]) -> PseudoLabels:
