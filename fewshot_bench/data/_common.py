@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fewshot_bench.atomic import atomic_path, remove_stale_temps
 from fewshot_bench.data.base import cache_root
-from fewshot_bench.data.tempfiles import owned_temp_path, remove_stale_temps
 from fewshot_bench.errors import InputDataError
 
 #: Bump when the decoding changes, so stale cached arrays are not reused.
@@ -160,7 +160,7 @@ def cached_array(kind: str, key: str, build: Callable[[], np.ndarray]) -> np.nda
             pass  # a damaged cache file: rebuild it below
     arr = build()
     try:
-        with owned_temp_path(path, suffix=".npy") as tmp:
+        with atomic_path(path, suffix=".npy") as tmp:
             np.save(tmp, arr, allow_pickle=False)
     except OSError:
         pass  # the cache is best effort (read-only or full disk)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from fewshot_bench.atomic import atomic_path, remove_stale_temps
 from fewshot_bench.backbones.embedders import Embedder
 from fewshot_bench.data.base import LabeledData, cache_root, feature_problem
-from fewshot_bench.data.tempfiles import owned_temp_path, remove_stale_temps
 from fewshot_bench.errors import InputDataError
 
 RESCALE_FIX = (
@@ -89,6 +89,6 @@ def pool_features(data: LabeledData, embedder: Embedder, device: torch.device) -
             f"backbone {embedder.identity} features on {data.name}: they {problem}; the "
             f"checkpoint is broken or diverged: retrain it, pick another --backbone, or {RESCALE_FIX}"
         )
-    with owned_temp_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(feats, tmp)
     return feats

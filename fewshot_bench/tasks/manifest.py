@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fewshot_bench.data.tempfiles import owned_temp_path, remove_stale_temps
+from fewshot_bench.atomic import atomic_path, remove_stale_temps
 from fewshot_bench.errors import ManifestError, ProtocolError
 from fewshot_bench.tasks.protocol import NAME_RULE, Pool, Protocol, is_safe_name
 from fewshot_bench.tasks.sampler import iter_tasks
@@ -197,7 +197,7 @@ def save_manifest(manifest: Manifest, path: Path) -> Path:
         )
     arrays = {k: np.ascontiguousarray(manifest.arrays[k], dtype=np.int64) for k in ARRAY_KEYS}
     remove_stale_temps(Path(path).parent)
-    with owned_temp_path(path, suffix=".npz") as tmp:
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, header=np.array(json.dumps(manifest.header, sort_keys=True)), **arrays)
     return Path(path)
 
