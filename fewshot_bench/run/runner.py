@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -268,6 +268,262 @@ def check_counts(batch_size: int, max_tasks: int | None) -> None:
         raise FsbenchError(f"--max-tasks must be an integer >= 1, got {max_tasks!r}")
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What every method of one run shares: the run's options, the resolved device and executor,
+    the validated method specs and the loaded pool and task sets."""
+
+    protocol: Protocol
+    store: ResultsStore
+    root: str | Path | None
+    device: torch.device
+    backbone: str
+    budget: int | None
+    batch_size: int
+    progress: bool
+    save_state: Path | None
+    executor: Any
+    # the executor's ``submit`` when it takes chunks asynchronously, and how many it keeps in flight
+    submit: Any
+    depth: int
+    specs: list[MethodSpec]
+    infos: list[dict[str, Any]]
+    pool: Pool
+    task_sets: dict[int, Manifest]
+    n_tasks: dict[int, int]
+    pool_labels: np.ndarray
+    data_note: str
+
+
+@dataclass(frozen=True)
+class _MethodRun:
+    """One method ready to evaluate: its configuration and hash, the tasks still to run per seed,
+    and (when there is work or a state to save) its open handle and the pool tensor it consumes."""
+
+    info: dict[str, Any]
+    config: dict[str, Any]
+    run_hash: str
+    todo: dict[int, list[int]]
+    handle: MethodHandle | None
+    tensor: torch.Tensor | None
+
+
+def _prepare(
+    protocol: Protocol,
+    methods: Sequence[MethodSpec | Method],
+    store: ResultsStore,
+    *,
+    seeds: list[int] | None,
+    workdir: Path,
+    root: str | Path | None,
+    device: torch.device | str,
+    backbone: str | None,
+    max_tasks: int | None,
+    batch_size: int,
+    budget: int | None,
+    pool: Pool | None,
+    progress: bool,
+    save_state: Path | None,
+    executor: Any,
+    plugins: tuple[str, ...],
+) -> _Prepared:
+    """Validate the run's options and every method, then load the pool and the task sets."""
+    check_counts(batch_size, max_tasks)
+    device = resolve_device(device) if isinstance(device, str) else device
+    executor = executor or shared_executor(tuple(plugins))
+    # executors with several workers take chunks asynchronously (see run/executor.py)
+    submit = getattr(executor, "submit", None)
+    depth = 2 * int(getattr(executor, "parallelism", 1))
+    specs = [as_spec(m) for m in methods]
+    # every method and parameter is validated (in the worker) before any task runs
+    infos = [executor.describe(s) for s in specs]
+    if save_state is not None and sum(i["trains"] for i in infos) != 1:
+        raise ProtocolError(
+            "--save-state needs exactly one method that trains on base classes (e.g. protonet); "
+            f"got {[i['name'] for i in infos if i['trains']] or 'none'}"
+        )
+    backbone = backbone or protocol.run["backbone"]
+    pool = pool or load_pool(protocol, root)
+    task_sets: dict[int, Manifest] = load_task_sets(protocol, pool, Path(workdir), seeds)
+    n_tasks = {
+        seed: m.n_tasks if max_tasks is None else min(max_tasks, m.n_tasks)
+        for seed, m in task_sets.items()
+    }
+    return _Prepared(
+        protocol=protocol,
+        store=store,
+        root=root,
+        device=device,
+        backbone=backbone,
+        budget=budget,
+        batch_size=batch_size,
+        progress=progress,
+        save_state=save_state,
+        executor=executor,
+        submit=submit,
+        depth=depth,
+        specs=specs,
+        infos=infos,
+        pool=pool,
+        task_sets=task_sets,
+        n_tasks=n_tasks,
+        pool_labels=np.asarray(pool.data.labels),
+        data_note="; ".join(pool.data.meta.get("notes", [])),
+    )
+
+
+def _fit_or_load(
+    prep: _Prepared,
+    spec: MethodSpec,
+    info: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+) -> _MethodRun:
+    """The method's configuration and the tasks not yet stored per seed; the method is opened
+    (trained, or loaded from its cached state) only when there is work or a state to save.
+    ``tensors`` caches the pool tensors across methods."""
+    config, run_hash = method_config(info, prep.backbone, prep.budget)
+    todo: dict[int, list[int]] = {}
+    for seed, manifest in prep.task_sets.items():
+        key = row_key(prep.protocol, manifest, info, config, run_hash, seed)
+        done = prep.store.done_tasks(key)
+        todo[seed] = [i for i in range(prep.n_tasks[seed]) if i not in done]
+    handle = None
+    tensor = None
+    if any(todo.values()) or prep.save_state is not None:
+        tensor = pool_tensor(prep.pool, info["consumes"], prep.backbone, prep.device, tensors)
+        handle = open_method(
+            prep.executor,
+            spec,
+            info,
+            run_hash,
+            prep.protocol,
+            prep.root,
+            prep.backbone,
+            prep.device,
+            prep.budget,
+            min(prep.task_sets),
+            prep.save_state,
+        )
+    return _MethodRun(info, config, run_hash, todo, handle, tensor)
+
+
+def _common_fields(
+    prep: _Prepared, run: _MethodRun, handle: MethodHandle, seed: int, manifest: Manifest
+) -> dict[str, Any]:
+    """The fields shared by every row of one method on one task set."""
+    protocol, info, config = prep.protocol, run.info, run.config
+    return {
+        "protocol": protocol.name,
+        "family": protocol.family,
+        "protocol_hash": protocol.hash(),
+        "manifest_hash": manifest.content_hash,
+        "task_source": str(manifest.header.get("source", "sampled")),
+        "data_fingerprint": str(manifest.header["dataset_fingerprint"]),
+        "data_note": prep.data_note,
+        "method": info["name"],
+        "config_hash": run.run_hash,
+        "code_fingerprint": info["code_fingerprint"],
+        "params": config_json(info["changed"]),
+        "config": config_json(config),
+        "backbone": config["backbone"],
+        "backbone_hash": config["backbone_hash"],
+        "budget": prep.budget if info["trains"] else None,
+        "seed": seed,
+        # where the method ran: a Ray worker may hold a GPU the driver lacks
+        "device": handle.device,
+        "hardware": handle.info.get("hardware") or hardware(handle.device),
+        "x_value": protocol.x_value,
+        "x_label": protocol.x_label,
+        "package_version": fewshot_bench.__version__,
+        "git_commit": git_commit(),
+    }
+
+
+def _run_chunks(
+    prep: _Prepared,
+    handle: MethodHandle,
+    todo: list[int],
+    seed: int,
+    build: Any,
+    finish: Any,
+) -> None:
+    """Run the tasks in ``todo`` in chunks of ``batch_size`` and store each chunk, in order."""
+    if prep.submit is None:
+        for chunk in _batches(todo, prep.batch_size):
+            built = build(chunk)
+            start = time.perf_counter()
+            outputs, settings = prep.executor.map(
+                handle, [b.task for b in built], [task_seed(seed, i) for i in chunk]
+            )
+            per_task = (time.perf_counter() - start) / len(chunk)
+            finish(chunk, built, outputs, settings, per_task)
+    else:
+        # several workers: keep a few chunks in flight (the workers compute while this
+        # process assembles the next chunks), store each as it returns, in order; a kill
+        # loses at most the chunks in flight
+        inflight: deque = deque()
+        for chunk in _batches(todo, prep.batch_size):
+            built = build(chunk)
+            pending = prep.submit(
+                handle, [b.task for b in built], [task_seed(seed, i) for i in chunk]
+            )
+            inflight.append((chunk, built, pending))
+            while len(inflight) > prep.depth:
+                _finish_pending(inflight.popleft(), finish)
+        while inflight:
+            _finish_pending(inflight.popleft(), finish)
+
+
+def _evaluate_seed(
+    prep: _Prepared, run: _MethodRun, seed: int, manifest: Manifest, summary: RunSummary
+) -> None:
+    """Run one method's remaining tasks of one task set and store their rows."""
+    handle = cast(MethodHandle, run.handle)  # opened: this seed has work
+    todo, n, name = run.todo[seed], prep.n_tasks[seed], run.info["name"]
+    common = _common_fields(prep, run, handle, seed, manifest)
+    bar = tqdm(
+        total=n,
+        initial=n - len(todo),
+        desc=f"{prep.protocol.name} {name} s{seed}",
+        disable=not prep.progress,
+        unit="task",
+        dynamic_ncols=True,
+    )
+    build = functools.partial(
+        _assemble_chunk,
+        manifest=manifest,
+        pool_labels=prep.pool_labels,
+        tensor=run.tensor,
+        consumes=run.info["consumes"],
+        seed=seed,
+    )
+    finish = functools.partial(
+        _store_chunk,
+        name=name,
+        top5=prep.protocol.run["top5"],
+        summary=summary,
+        common=common,
+        store=prep.store,
+        bar=bar,
+    )
+    _run_chunks(prep, handle, todo, seed, build, finish)
+    bar.close()
+
+
+def _evaluate(prep: _Prepared, run: _MethodRun) -> list[RunSummary]:
+    """One summary per seed for the method; the seeds with tasks left are run and stored."""
+    summaries = []
+    for seed, manifest in prep.task_sets.items():
+        todo, n = run.todo[seed], prep.n_tasks[seed]
+        summary = RunSummary(
+            prep.protocol.name, run.info["name"], seed, ran=len(todo), skipped=n - len(todo)
+        )
+        summaries.append(summary)
+        if todo:
+            _evaluate_seed(prep, run, seed, manifest, summary)
+    return summaries
+
+
 def run_protocol(
     protocol: Protocol,
     methods: Sequence[MethodSpec | Method],
@@ -293,139 +549,29 @@ def run_protocol(
     backbone and the content of every file they name), code fingerprint and backbone all match.
     ``save_state``: copy the trained state of the one method that trains to this file (for
     ``init=`` of another method, e.g. soft k-means from a ProtoNet state)."""
-    check_counts(batch_size, max_tasks)
-    device = resolve_device(device) if isinstance(device, str) else device
-    executor = executor or shared_executor(tuple(plugins))
-    # executors with several workers take chunks asynchronously (see run/executor.py)
-    submit = getattr(executor, "submit", None)
-    depth = 2 * int(getattr(executor, "parallelism", 1))
-    specs = [as_spec(m) for m in methods]
-    # every method and parameter is validated (in the worker) before any task runs
-    infos = [executor.describe(s) for s in specs]
-    if save_state is not None and sum(i["trains"] for i in infos) != 1:
-        raise ProtocolError(
-            "--save-state needs exactly one method that trains on base classes (e.g. protonet); "
-            f"got {[i['name'] for i in infos if i['trains']] or 'none'}"
-        )
-    backbone = backbone or protocol.run["backbone"]
-    pool = pool or load_pool(protocol, root)
-    task_sets: dict[int, Manifest] = load_task_sets(protocol, pool, Path(workdir), seeds)
-    n_tasks = {
-        seed: m.n_tasks if max_tasks is None else min(max_tasks, m.n_tasks)
-        for seed, m in task_sets.items()
-    }
-    pool_labels = np.asarray(pool.data.labels)
-    data_note = "; ".join(pool.data.meta.get("notes", []))
+    prep = _prepare(
+        protocol,
+        methods,
+        store,
+        seeds=seeds,
+        workdir=workdir,
+        root=root,
+        device=device,
+        backbone=backbone,
+        max_tasks=max_tasks,
+        batch_size=batch_size,
+        budget=budget,
+        pool=pool,
+        progress=progress,
+        save_state=save_state,
+        executor=executor,
+        plugins=plugins,
+    )
     tensors: dict[str, torch.Tensor] = {}
-    summaries = []
-    for spec, info in zip(specs, infos, strict=True):
-        consumes = info["consumes"]
-        config, run_hash = method_config(info, backbone, budget)
-        method_backbone, bb_hash = config["backbone"], config["backbone_hash"]
-        todo: dict[int, list[int]] = {}
-        for seed, manifest in task_sets.items():
-            done = store.done_tasks(row_key(protocol, manifest, info, config, run_hash, seed))
-            todo[seed] = [i for i in range(n_tasks[seed]) if i not in done]
-        handle = None
-        if any(todo.values()) or save_state is not None:
-            tensor = pool_tensor(pool, consumes, backbone, device, tensors)
-            handle = open_method(
-                executor,
-                spec,
-                info,
-                run_hash,
-                protocol,
-                root,
-                backbone,
-                device,
-                budget,
-                min(task_sets),
-                save_state,
-            )
-        for seed, manifest in task_sets.items():
-            n = n_tasks[seed]
-            summary = RunSummary(
-                protocol.name, info["name"], seed, ran=len(todo[seed]), skipped=n - len(todo[seed])
-            )
-            summaries.append(summary)
-            if not todo[seed]:
-                continue
-            common = {
-                "protocol": protocol.name,
-                "family": protocol.family,
-                "protocol_hash": protocol.hash(),
-                "manifest_hash": manifest.content_hash,
-                "task_source": str(manifest.header.get("source", "sampled")),
-                "data_fingerprint": str(manifest.header["dataset_fingerprint"]),
-                "data_note": data_note,
-                "method": info["name"],
-                "config_hash": run_hash,
-                "code_fingerprint": info["code_fingerprint"],
-                "params": config_json(info["changed"]),
-                "config": config_json(config),
-                "backbone": method_backbone,
-                "backbone_hash": bb_hash,
-                "budget": budget if info["trains"] else None,
-                "seed": seed,
-                # where the method ran: a Ray worker may hold a GPU the driver lacks
-                "device": handle.device,
-                "hardware": handle.info.get("hardware") or hardware(handle.device),
-                "x_value": protocol.x_value,
-                "x_label": protocol.x_label,
-                "package_version": fewshot_bench.__version__,
-                "git_commit": git_commit(),
-            }
-            bar = tqdm(
-                total=n,
-                initial=n - len(todo[seed]),
-                desc=f"{protocol.name} {info['name']} s{seed}",
-                disable=not progress,
-                unit="task",
-                dynamic_ncols=True,
-            )
-
-            build = functools.partial(
-                _assemble_chunk,
-                manifest=manifest,
-                pool_labels=pool_labels,
-                tensor=tensor,
-                consumes=consumes,
-                seed=seed,
-            )
-            finish = functools.partial(
-                _store_chunk,
-                name=info["name"],
-                top5=protocol.run["top5"],
-                summary=summary,
-                common=common,
-                store=store,
-                bar=bar,
-            )
-            if submit is None:
-                for chunk in _batches(todo[seed], batch_size):
-                    built = build(chunk)
-                    start = time.perf_counter()
-                    outputs, settings = executor.map(
-                        handle, [b.task for b in built], [task_seed(seed, i) for i in chunk]
-                    )
-                    per_task = (time.perf_counter() - start) / len(chunk)
-                    finish(chunk, built, outputs, settings, per_task)
-            else:
-                # several workers: keep a few chunks in flight (the workers compute while this
-                # process assembles the next chunks), store each as it returns, in order; a kill
-                # loses at most the chunks in flight
-                inflight: deque = deque()
-                for chunk in _batches(todo[seed], batch_size):
-                    built = build(chunk)
-                    pending = submit(
-                        handle, [b.task for b in built], [task_seed(seed, i) for i in chunk]
-                    )
-                    inflight.append((chunk, built, pending))
-                    while len(inflight) > depth:
-                        _finish_pending(inflight.popleft(), finish)
-                while inflight:
-                    _finish_pending(inflight.popleft(), finish)
-            bar.close()
-        if handle is not None:
-            executor.release(handle)
+    summaries: list[RunSummary] = []
+    for spec, info in zip(prep.specs, prep.infos, strict=True):
+        run = _fit_or_load(prep, spec, info, tensors)
+        summaries.extend(_evaluate(prep, run))
+        if run.handle is not None:
+            prep.executor.release(run.handle)
     return summaries
