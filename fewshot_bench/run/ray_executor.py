@@ -31,7 +31,6 @@ import re
 import socket
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,23 +151,16 @@ class RayWorker:
 
     def _call(self, request: tuple) -> tuple[dict[str, Any], list[bytes]]:
         start = time.perf_counter()
-        try:
-            if self._worker is None:
-                from fewshot_bench.run.worker import Worker
+        if self._worker is None:
+            from fewshot_bench.run.worker import Worker
 
-                worker = Worker()
-                worker.handle(("init", *self._init))
-                self._worker = worker
-            meta, blobs = self._worker.handle(request)
-        except FsbenchError as exc:
-            meta, blobs = {"error": str(exc), "kind": "user"}, []
-        except Exception as exc:  # noqa: BLE001 - a method's bug is reported, the actor lives on
-            meta = {
-                "error": f"{type(exc).__name__}: {exc}",
-                "kind": "bug",
-                "traceback": traceback.format_exc(),
-            }
-            blobs = []
+            worker = Worker()
+            meta, blobs = worker.answer(("init", *self._init))
+            if "error" in meta:
+                meta["seconds"] = time.perf_counter() - start
+                return _plain(meta, blobs)
+            self._worker = worker
+        meta, blobs = self._worker.answer(request)
         meta["seconds"] = time.perf_counter() - start
         return _plain(meta, blobs)
 

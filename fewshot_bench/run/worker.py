@@ -167,6 +167,17 @@ class Worker:
         op, *args = request
         return getattr(self, f"op_{op}")(*args)
 
+    def answer(self, request: tuple) -> tuple[dict[str, Any], list[bytes]]:
+        """``handle``, with an error as an answer (``{"error", "kind": "user" | "bug"}``, a bug
+        with its traceback): a method's failure is reported and the worker lives on."""
+        try:
+            return self.handle(request)
+        except FsbenchError as exc:
+            return {"error": str(exc), "kind": "user"}, []
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+            return {"error": error, "kind": "bug", "traceback": traceback.format_exc()}, []
+
     def op_init(self, sys_path: list[str], plugins: list[str]) -> tuple[dict, list[bytes]]:
         sys.path[:] = list(dict.fromkeys([*sys_path, *sys.path]))
         for ref in plugins:
@@ -211,38 +222,34 @@ class Worker:
         self.methods[hid] = method
         return {"info": info, "state": bool(blobs)}, blobs
 
-    def op_predict(
-        self, hid: int, tasks: list, seeds: list[int], device: str
-    ) -> tuple[dict, list[bytes]]:
-        """Transductive methods: scores of whole tasks."""
+    def _run(self, hid: int, tasks: list, seeds: list[int], device: str, what: str) -> list:
+        """``predict_batch`` or ``fit_tasks`` of method ``hid`` on ``tasks`` moved to ``device``,
+        each with its own seeded context; one output per task."""
         from fewshot_bench.methods.base import TaskContext
 
         method = self.methods[hid]
         moved = [t.to(device) for t in tasks]
         ctxs = [TaskContext.create(s, device) for s in seeds]
-        outputs = method.predict_batch(moved, ctxs)
+        outputs = list(getattr(method, what)(moved, ctxs))
         if len(outputs) != len(tasks):
             raise FsbenchError(
-                f"method {method.name!r} returned {len(outputs)} score tensors for {len(tasks)} tasks"
+                f"method {method.name!r}: {what} returned {len(outputs)} outputs for {len(tasks)} tasks"
             )
-        return score_blobs(outputs)
+        return outputs
+
+    def op_predict(
+        self, hid: int, tasks: list, seeds: list[int], device: str
+    ) -> tuple[dict, list[bytes]]:
+        """Transductive methods: scores of whole tasks."""
+        return score_blobs(self._run(hid, tasks, seeds, device, "predict_batch"))
 
     def op_fit(
         self, key: tuple[int, int], tasks: list, seeds: list[int], device: str
     ) -> tuple[dict, list]:
         """Inductive and semi-supervised methods: adapt method ``key[0]`` to tasks that carry no
         queries; the scorers wait under ``key`` for ``score`` requests."""
-        from fewshot_bench.methods.base import TaskContext
-
-        method = self.methods[key[0]]
-        moved = [t.to(device) for t in tasks]
-        ctxs = [TaskContext.create(s, device) for s in seeds]
-        scorers = method.fit_tasks(moved, ctxs)
-        if len(scorers) != len(tasks):
-            raise FsbenchError(
-                f"method {method.name!r} returned {len(scorers)} scorers for {len(tasks)} tasks"
-            )
-        self.scorers[tuple(key)] = (list(scorers), device)
+        scorers = self._run(key[0], tasks, seeds, device, "fit_tasks")
+        self.scorers[tuple(key)] = (scorers, device)
         return {"ok": True}, []
 
     def op_score(
@@ -275,17 +282,7 @@ def serve(inbox: Connection, outbox: Connection) -> None:
             return
         if request[0] == "exit":
             return
-        try:
-            meta, blobs = worker.handle(request)
-        except FsbenchError as exc:
-            meta, blobs = {"error": str(exc), "kind": "user"}, []
-        except Exception as exc:  # noqa: BLE001 - a method's bug is reported, the worker lives on
-            meta = {
-                "error": f"{type(exc).__name__}: {exc}",
-                "kind": "bug",
-                "traceback": traceback.format_exc(),
-            }
-            blobs = []
+        meta, blobs = worker.answer(request)
         meta["n_blobs"] = len(blobs)
         outbox.send_bytes(json.dumps(meta).encode())
         for blob in blobs:
