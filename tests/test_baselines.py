@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from fewshot_bench.data import load_dataset
 from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods import FitSource, TaskContext, available_methods, get_method
-from fewshot_bench.methods.episodic import EpisodeSampler, prototypes
+from fewshot_bench.methods.episodic import prototypes
 from fewshot_bench.methods.maml import MamlNet, adapted_logits, inner_adapt
 from fewshot_bench.methods.mean_teacher import augment_batch, sigmoid_rampup
 from fewshot_bench.report.cards import CardError, load_cards, reported_numbers
 from fewshot_bench.run.runner import run_protocol
 from fewshot_bench.run.store import ResultsStore, load_results
 from fewshot_bench.tasks.protocol import all_protocols, load_protocol_file
+from fewshot_bench.tasks.sampler import EpisodeSampler
 from fewshot_bench.tasks.task import Task
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -39,22 +40,21 @@ def omniglot(shared_data):
 
 def episodes(images, labels, n_tasks, n_way=5, k_shot=1, n_query=5, n_unlabeled=0, seed=0):
     """Evaluation tasks (and query labels) drawn from held-out classes."""
-    sampler = EpisodeSampler(labels)
-    gen = torch.Generator().manual_seed(seed)
+    sampler = EpisodeSampler.for_training(labels, n_way, k_shot, n_query, n_unlabeled)
     tasks, truths = [], []
-    for _ in range(n_tasks):
-        ep = sampler.sample(n_way, k_shot, n_query, gen, n_unlabeled=n_unlabeled)
+    for i in range(n_tasks):
+        ep = sampler.sample(seed, i)
         tasks.append(
             Task(
                 images[ep.support],
-                ep.support_labels,
+                torch.from_numpy(ep.support_labels),
                 images[ep.unlabeled],
                 images[ep.query],
                 n_way,
                 "images",
             )
         )
-        truths.append(ep.query_labels)
+        truths.append(torch.arange(n_way).repeat_interleave(n_query))
     return tasks, truths
 
 
@@ -87,18 +87,23 @@ def test_methods_registered():
     assert "consistency" not in methods["supervised"].defaults
 
 
-def test_episode_sampler_draws_distinct_items_and_distractors():
-    labels = np.repeat(np.arange(12), 6)
-    sampler = EpisodeSampler(labels)
-    ep = sampler.sample(5, 2, 3, torch.Generator().manual_seed(0), n_unlabeled=1, n_distractor=3)
-    items = torch.cat([ep.support, ep.query, ep.unlabeled])
-    assert len(set(items.tolist())) == len(items) == 5 * 6 + 3
-    classes = labels[ep.support.numpy()]
-    assert (labels[ep.query.numpy()] == np.repeat(classes[::2], 3)).all()
-    distractor_classes = set(labels[ep.unlabeled[ep.unlabeled_is_distractor].numpy()])
-    assert len(distractor_classes) == 3 and not distractor_classes & set(classes)
-    with pytest.raises(ProtocolError, match="base classes"):
-        sampler.sample(13, 1, 1, torch.Generator())
+def test_training_episodes_come_from_the_evaluation_sampler():
+    """Training draws distinct items, distractor classes outside the episode, and never a
+    class too small for an episode."""
+    labels = np.concatenate([np.repeat(np.arange(12), 6), np.full(2, 12)])  # class 12: 2 items
+    sampler = EpisodeSampler.for_training(labels, 5, 2, 3, n_unlabeled=1, n_distractor=3)
+    for t in range(20):
+        ep = sampler.sample(0, t)
+        items = np.concatenate([ep.support, ep.query, ep.unlabeled])
+        assert len(set(items.tolist())) == len(items) == 5 * 6 + 3
+        classes = labels[ep.support]
+        assert (labels[ep.query] == np.repeat(classes[::2], 3)).all()
+        unl_classes = labels[ep.unlabeled]
+        distractors = set(unl_classes) - set(classes)
+        assert len(distractors) == 3 and 12 not in set(classes) | distractors
+    assert (sampler.sample(0, 3).support == sampler.sample(0, 3).support).all()
+    with pytest.raises(ProtocolError, match="needs n_way"):
+        EpisodeSampler.for_training(labels, 13, 1, 2)  # class 12 has too few items
 
 
 def test_protonet_training_improves_novel_class_accuracy(omniglot):

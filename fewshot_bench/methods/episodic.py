@@ -1,120 +1,24 @@
-"""Shared helpers of the image-consuming baselines: episode sampling on base classes, seeded
-network construction, prototypes and distances, chunked embedding, learning-rate schedule and
-the running training log.
+"""Shared helpers of the image-consuming baselines: seeded network construction, prototypes
+and distances, chunked embedding, learning-rate schedule and the running training log.
 
-Episodes drawn here are for *training* on a ``FitSource`` (base classes); evaluation tasks come
-from the protocol's frozen manifest, never from this sampler.
+Training episodes on a ``FitSource`` (base classes) come from the evaluation sampler,
+:meth:`fewshot_bench.tasks.sampler.EpisodeSampler.for_training`; evaluation tasks come from the
+protocol's frozen manifest.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from fewshot_bench.backbones.nets import Backbone, build_backbone
 from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.runtime import autocast, seeded
-
-
-@dataclass(frozen=True)
-class Episode:
-    """Indices into the fit source of one training episode (labels ``0..n_way-1``).
-
-    ``unlabeled`` holds items of the episode's classes and of ``n_distractor`` extra classes;
-    ``unlabeled_is_distractor`` marks the latter (used only by tests and diagnostics).
-    """
-
-    support: torch.Tensor
-    support_labels: torch.Tensor
-    query: torch.Tensor
-    query_labels: torch.Tensor
-    unlabeled: torch.Tensor
-    unlabeled_is_distractor: torch.Tensor
-
-
-class EpisodeSampler:
-    """Draws N-way K-shot training episodes (optionally with unlabeled items and distractor
-    classes, Ren et al. 2018) from integer labels, with all randomness from a ``torch.Generator``.
-
-    Classes with fewer than ``k_shot + n_query + n_unlabeled`` items are never drawn as episode
-    classes; distractor classes need ``n_unlabeled`` items.
-    """
-
-    def __init__(self, labels: np.ndarray | torch.Tensor) -> None:
-        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        if y.ndim != 1 or len(y) == 0:
-            raise FsbenchError("episode sampler needs a non-empty 1-D label array")
-        order = torch.argsort(y, stable=True)
-        classes, counts = torch.unique_consecutive(y[order], return_counts=True)
-        self.order = order
-        self.classes = classes
-        self.counts = counts
-        self.starts = torch.cumsum(counts, 0) - counts
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.classes)
-
-    def _pick(self, class_pos: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
-        """``per_class`` distinct random items of each class position: ``[len(class_pos), per_class]``."""
-        counts = self.counts[class_pos]
-        width = int(counts.max())
-        keys = torch.rand(len(class_pos), width, generator=gen)
-        keys[torch.arange(width)[None, :] >= counts[:, None]] = 2.0  # never pick padding
-        offsets = keys.argsort(dim=1)[:, :per_class]
-        return self.order[self.starts[class_pos][:, None] + offsets]
-
-    def sample(
-        self,
-        n_way: int,
-        k_shot: int,
-        n_query: int,
-        gen: torch.Generator,
-        n_unlabeled: int = 0,
-        n_distractor: int = 0,
-    ) -> Episode:
-        """One episode; items are indices into the label array given at construction."""
-        need = k_shot + n_query + n_unlabeled
-        eligible = torch.nonzero(self.counts >= need).flatten()
-        if len(eligible) < n_way:
-            raise ProtocolError(
-                f"cannot draw {n_way}-way episodes with {need} items per class: only "
-                f"{len(eligible)} base classes have that many items"
-            )
-        pos = eligible[torch.randperm(len(eligible), generator=gen)[:n_way]]
-        items = self._pick(pos, need, gen)  # [n_way, need]
-        labels = torch.arange(n_way)
-        support = items[:, :k_shot].reshape(-1)
-        query = items[:, k_shot : k_shot + n_query].reshape(-1)
-        unl = items[:, k_shot + n_query :].reshape(-1)
-        is_distractor = torch.zeros(len(unl), dtype=torch.bool)
-        if n_distractor and n_unlabeled:
-            taken = torch.zeros(self.n_classes, dtype=torch.bool)
-            taken[pos] = True
-            rest = torch.nonzero(~taken & (self.counts >= n_unlabeled)).flatten()
-            if len(rest) < n_distractor:
-                raise ProtocolError(
-                    f"cannot draw {n_distractor} distractor classes: only {len(rest)} remain"
-                )
-            dpos = rest[torch.randperm(len(rest), generator=gen)[:n_distractor]]
-            d_items = self._pick(dpos, n_unlabeled, gen).reshape(-1)
-            unl = torch.cat([unl, d_items])
-            is_distractor = torch.cat([is_distractor, torch.ones(len(d_items), dtype=torch.bool)])
-        return Episode(
-            support=support,
-            support_labels=labels.repeat_interleave(k_shot),
-            query=query,
-            query_labels=labels.repeat_interleave(n_query),
-            unlabeled=unl,
-            unlabeled_is_distractor=is_distractor,
-        )
 
 
 def require_images(source_kind: str, method: str) -> None:

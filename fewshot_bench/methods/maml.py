@@ -33,7 +33,6 @@ from tqdm import tqdm
 from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods.base import FitSource, Method, Scorer, TaskContext
 from fewshot_bench.methods.episodic import (
-    EpisodeSampler,
     TrainingLog,
     image_geometry,
     load_state_file,
@@ -46,6 +45,7 @@ from fewshot_bench.methods.param_groups import training
 from fewshot_bench.methods.params import Param, grouped
 from fewshot_bench.methods.registry import register_method
 from fewshot_bench.runtime import seeded
+from fewshot_bench.tasks.sampler import EpisodeSampler
 from fewshot_bench.tasks.task import Task
 
 Params = dict[str, torch.Tensor]
@@ -215,16 +215,13 @@ class MAML(Method):
         assert self.net is not None
         if n_steps == 0:
             return
-        sampler = EpisodeSampler(source.labels)
+        sampler = EpisodeSampler.for_training(
+            source.labels, p["n_way"], p["k_shot"], p["train_query"], name=f"{self.name} training"
+        )
         data = source.data.to(device)
         net = self.net.train()
         opt = torch.optim.Adam(net.parameters(), lr=p["meta_lr"])
-        way, shot, nq, batch = (
-            p["n_way"],
-            p["k_shot"],
-            p["train_query"],
-            p["meta_batch"],
-        )
+        way, nq, batch = p["n_way"], p["train_query"], p["meta_batch"]
         second_order = not p["first_order"]
         bar = tqdm(range(n_steps), desc=f"fit {self.name}", unit="step", mininterval=2.0)
         log = TrainingLog(self.train_log, bar, every=20)
@@ -233,11 +230,12 @@ class MAML(Method):
             opt.zero_grad(set_to_none=True)
             params = dict(net.named_parameters())
             step_loss = step_acc = 0.0
-            for _ in range(batch):
-                ep = sampler.sample(way, shot, nq, ctx.generator)
-                xs = data[ep.support.to(device)]
-                xq = data[ep.query.to(device)]
-                ys, yq = ep.support_labels.to(device), ep.query_labels.to(device)
+            for b in range(batch):
+                ep = sampler.sample(ctx.seed, step * batch + b)
+                xs = data[torch.from_numpy(ep.support).to(device)]
+                xq = data[torch.from_numpy(ep.query).to(device)]
+                ys = torch.from_numpy(ep.support_labels).to(device)
+                yq = torch.arange(way, device=device).repeat_interleave(nq)
                 fast = inner_adapt(
                     net, params, xs, ys, p["inner_steps"], p["inner_lr"], second_order
                 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +28,6 @@ from fewshot_bench.backbones.nets import Backbone
 from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods.base import FitSource, Method, Scorer, TaskContext
 from fewshot_bench.methods.episodic import (
-    EpisodeSampler,
     TrainingLog,
     embed,
     group_by_shape,
@@ -44,6 +44,7 @@ from fewshot_bench.methods.param_groups import training
 from fewshot_bench.methods.params import Param, grouped
 from fewshot_bench.methods.registry import register_method
 from fewshot_bench.runtime import autocast, seeded
+from fewshot_bench.tasks.sampler import EpisodeSampler
 from fewshot_bench.tasks.task import Task
 
 
@@ -157,28 +158,30 @@ class ProtoNet(Method):
             return
         n_unl = int(p.get("train_unlabeled", 0))
         n_dis = int(p.get("train_distractors", 0)) if n_unl else 0
-        sampler = EpisodeSampler(source.labels)
+        way, shot, nq = p["train_way"], p["train_shot"], p["train_query"]
+        sampler = EpisodeSampler.for_training(
+            source.labels, way, shot, nq, n_unl, n_dis, name=f"{self.name} training"
+        )
         data = source.data.to(device)
         opt = torch.optim.Adam(self._trainable(), lr=p["lr"])
         self.backbone.train()
-        way, shot, nq = p["train_way"], p["train_shot"], p["train_query"]
         bar = tqdm(range(n_steps), desc=f"fit {self.name}", unit="step", mininterval=2.0)
         log = TrainingLog(self.train_log, bar, every=50)
+        target = torch.arange(way, device=device).repeat_interleave(nq)
         for step in bar:
             step_lr(opt, p["lr"], step, p["lr_decay_every"])
-            ep = sampler.sample(way, shot, nq, ctx.generator, n_unl, n_dis)
-            idx = torch.cat([ep.support, ep.query, ep.unlabeled]).to(device)
+            ep = sampler.sample(ctx.seed, step)
+            idx = torch.from_numpy(np.concatenate([ep.support, ep.query, ep.unlabeled])).to(device)
             with autocast(device, p["amp"]):
                 emb = self.backbone(data[idx]).float()
             ns, nqt = len(ep.support), len(ep.query)
             logits = self.scores(
                 emb[None, :ns],
-                ep.support_labels.to(device)[None],
+                torch.from_numpy(ep.support_labels).to(device)[None],
                 emb[None, ns + nqt :],
                 emb[None, ns : ns + nqt],
                 way,
             )[0]
-            target = ep.query_labels.to(device)
             loss = F.cross_entropy(logits, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from fewshot_bench.errors import ProtocolError
 from fewshot_bench.tasks.protocol import Pool, Protocol
@@ -36,11 +37,22 @@ class EpisodeSampler:
     """
 
     def __init__(
-        self, labels: np.ndarray, n_classes: int, params: dict, *, name: str = "protocol"
+        self,
+        labels: np.ndarray,
+        n_classes: int,
+        params: dict,
+        *,
+        name: str = "protocol",
+        skip_small: bool = False,
     ) -> None:
         self.p = dict(params)
         self.name = name
         members = [m for m in class_members(np.asarray(labels), n_classes)]
+        if (
+            skip_small
+        ):  # classes too small for an episode are never drawn (training on base classes)
+            need = self.p["k_shot"] + self.p["n_query"] + self.p["n_unlabeled"]
+            members = [m if len(m) >= need else m[:0] for m in members]
         frac = self.p["labeled_fraction"]
         if frac < 1.0:
             split_rng = np.random.default_rng(np.random.SeedSequence([self.p["split_seed"], 7919]))
@@ -54,6 +66,34 @@ class EpisodeSampler:
             self.labeled, self.unlabeled = members, None
         self.classes = np.array([c for c, m in enumerate(members) if len(m) > 0], dtype=np.int64)
         self._validate()
+
+    @classmethod
+    def for_training(
+        cls,
+        labels: np.ndarray | torch.Tensor,
+        n_way: int,
+        k_shot: int,
+        n_query: int,
+        n_unlabeled: int = 0,
+        n_distractor: int = 0,
+        *,
+        name: str = "training",
+    ) -> EpisodeSampler:
+        """The sampler a method trains with on base classes: the same draws as evaluation
+        episodes, over the classes that have enough items; episode ``t`` of seed ``s`` is
+        ``sample(s, t)``."""
+        labels = np.asarray(labels)
+        params = {
+            "n_way": n_way,
+            "k_shot": k_shot,
+            "n_query": n_query,
+            "n_unlabeled": n_unlabeled,
+            "n_distractor": n_distractor if n_unlabeled else 0,
+            "labeled_fraction": 1.0,
+            "split_seed": 0,
+        }
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        return cls(labels, n_classes, params, name=name, skip_small=True)
 
     def _validate(self) -> None:
         p, name = self.p, self.name
