@@ -108,7 +108,7 @@ def test_methods_name_prints_the_schema(capsys):
     assert main(["methods", "diffusion"]) == 0
     out = capsys.readouterr().out
     assert "[graph]" in out and "[diffusion]" in out
-    assert "k = 10  (int >= 1)" in out and "neighbours per node" in out
+    assert "k = 'auto'  (int >= 1 or 'auto')" in out and "neighbours per node" in out
     assert main(["methods", "no-such-method"]) == 2
 
 

@@ -172,3 +172,35 @@ def test_gpu_matches_cpu(digits) -> None:
     cpu = Diffusion(n_iter=3).predict(task, TaskContext.create(0))
     gpu = Diffusion(n_iter=3).predict(task, TaskContext.create(0, device="cuda"))
     torch.testing.assert_close(cpu, gpu, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_k_follows_the_nodes_per_class() -> None:
+    from fewshot_bench.methods.propagation import graph_k
+
+    assert graph_k("auto", 40, 20) == 1  # 20-way 1-shot, one query per class
+    assert graph_k("auto", 120, 20) == 5  # 20-way 5-shot, one query per class
+    assert graph_k("auto", 80, 5) == 10  # 5-way 1-shot, 15 queries: the published shape keeps 10
+    assert graph_k("auto", 70000, 10) == 10
+    assert graph_k("auto", 3, 5) == 1  # fewer nodes than classes
+    assert graph_k(7, 40, 20) == 7
+
+
+def test_graph_methods_hold_on_one_query_per_class(digits) -> None:
+    """With one query per class a fixed k = 10 links every node mostly to other classes and
+    diffusion falls far below nearest-prototype; k = auto keeps it level."""
+    x, y = digits
+    accs: dict[str, list[float]] = {"proto": [], "auto": [], "k10": [], "spectral": []}
+    for seed in range(20):
+        task, ql = digits_task(x, y, seed, shot=1, n_unl=0, n_q=1)
+        ctx = TaskContext.create(seed)
+        truth = torch.from_numpy(ql)
+        accs["proto"].append((prototype_scores(task).argmax(1) == truth).float().mean().item())
+        for key, m in (
+            ("auto", Diffusion()),
+            ("k10", Diffusion(k=10)),
+            ("spectral", SpectralPropagation()),
+        ):
+            accs[key].append((m.predict(task, ctx).argmax(1) == truth).float().mean().item())
+    mean = {k: float(np.mean(v)) for k, v in accs.items()}
+    assert mean["k10"] < mean["proto"] - 0.15, mean
+    assert mean["auto"] >= mean["proto"] - 0.05 and mean["spectral"] >= mean["proto"] - 0.05, mean

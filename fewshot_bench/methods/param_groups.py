@@ -24,7 +24,12 @@ GRAPH: Schema = grouped(
     "graph",
     {
         "normalize": NORMALIZE,
-        "k": Param(10, "neighbours per node of the kNN graph", low=1),
+        "k": Param(
+            "auto",
+            "neighbours per node of the kNN graph, or auto: min(10, core nodes per class - 1)",
+            kind=int,
+            low=1,
+        ),
         "metric": Param("cosine", "similarity of the kNN search", choices=METRICS),
         "index": Param("auto", "faiss index: flat (exact), ivf, hnsw or auto", choices=INDEXES),
         "nprobe": Param(8, "IVF cells searched per query", low=1),

@@ -32,7 +32,10 @@ in every class; otherwise the defaults (``default_iter`` = 3, ``default_mix`` = 
 ``diffusion`` runs the folds and the final diffusion as column groups of one pass
 (``class_batch`` then only applies when the widened matrix would not fit 1 GiB).
 
-Defaults: ``k = 10`` neighbours (Douze et al. use 30 at ImageNet scale; pass ``k=30`` there),
+Defaults: ``k = "auto"`` neighbours, ``min(10, core nodes per class - 1)`` (:func:`graph_k`: 10 on
+the usual episode shapes and on large pools; 1 on a 20-way 1-shot graph with one query per
+class, where k = 10 linked every node mostly to other classes; Douze et al. use 30 at ImageNet
+scale, pass ``k=30`` there),
 cosine similarity on L2-normalised features, exact search up to ~14k points, IVF beyond, and
 background sets of ≥ 20k points cached (``$FSBENCH_GRAPH_CACHE`` or ``$FSBENCH_CACHE/graphs``
 on disk, the last two in memory) so tasks sharing an unlabeled pool build ``W_BB`` once.
@@ -90,6 +93,23 @@ def prepare_task_features(
     return f(task.support), f(unl), f(task.query)
 
 
+#: The largest neighbour count ``k="auto"`` picks (the published default on episode graphs).
+K_AUTO_MAX = 10
+
+
+def graph_k(k: int | str, n_core: int, n_way: int) -> int:
+    """The neighbour count of a graph of ``n_core`` core nodes over ``n_way`` classes.
+
+    ``"auto"``: ``min(10, m - 1)`` (at least 1) with ``m = n_core / n_way`` core nodes per class:
+    a node has at most ``m - 1`` neighbours of its own class, so a larger ``k`` links it mostly
+    to other classes (a 20-way 1-shot graph with one query per class has m = 2). Episode shapes
+    with 11 or more nodes per class, and large unlabeled pools, keep ``k = 10``."""
+    if k != "auto":
+        return int(k)
+    per_class = n_core // max(1, n_way)
+    return max(1, min(K_AUTO_MAX, per_class - 1))
+
+
 class PropagationMethod(Method):
     """Shared machinery (graph building, diffusion, spectral, voting); not registered itself."""
 
@@ -130,6 +150,7 @@ class GraphPropagation(PropagationMethod):
         background: torch.Tensor,
         out: torch.Tensor | None,
         ctx: TaskContext,
+        n_way: int,
     ) -> Graph:
         p = self.params
         use_cache = p["graph_cache"] and background.shape[0] >= CACHE_MIN_NODES
@@ -137,7 +158,7 @@ class GraphPropagation(PropagationMethod):
             sup,
             background,
             out,
-            k=int(p["k"]),
+            k=graph_k(p["k"], sup.shape[0] + background.shape[0], n_way),
             metric=p["metric"],
             index=p["index"],
             nprobe=int(p["nprobe"]),
@@ -153,11 +174,12 @@ class GraphPropagation(PropagationMethod):
     ) -> tuple[Graph, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Graph over ``[support, unlabeled, (queries)]``; query ``i`` is node ``n_s + n_u + i``."""
         sup, unl, qry = prepare_task_features(task, ctx, self.params["normalize"])
+        n_way = task.n_way
         if not with_queries:
-            return self._graph(sup, unl, None, ctx), sup, unl, qry
+            return self._graph(sup, unl, None, ctx, n_way), sup, unl, qry
         if self._queries_in_graph(unl.shape[0]):
-            return self._graph(sup, torch.cat([unl, qry]), None, ctx), sup, unl, qry
-        return self._graph(sup, unl, qry, ctx), sup, unl, qry
+            return self._graph(sup, torch.cat([unl, qry]), None, ctx, n_way), sup, unl, qry
+        return self._graph(sup, unl, qry, ctx, n_way), sup, unl, qry
 
     # ------------------------------------------------------------------ diffusion
     def _diffuse_kw(
