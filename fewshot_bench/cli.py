@@ -260,7 +260,7 @@ def _method_specs(args: argparse.Namespace) -> list:
 
     specs = [MethodSpec(*parse_method_spec(spec)) for spec in args.method or []]
     for path in getattr(args, "method_config", None) or []:
-        specs += [MethodSpec(name, params) for name, params in load_method_config(path)]
+        specs += [MethodSpec(n, p, tuning=t) for n, p, t in load_method_config(path)]
     if not specs:
         raise FsbenchError(
             "name at least one method: -m NAME[:key=value,...] or --method-config FILE"
@@ -385,6 +385,48 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print("\n".join(result.lines()))
             flagged |= not result.ok
     return 1 if flagged else 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fewshot_bench.run.executor import shared_executor
+    from fewshot_bench.run.tune import parse_grid, tune, write_tuned
+    from fewshot_bench.runtime import resolve_device
+    from fewshot_bench.tasks.protocol import resolve_protocols
+
+    grid = parse_grid(args.grid)
+    _at_least("--budget", args.budget, 0)
+    specs = _method_specs(args)
+    protos = resolve_protocols(args.protocol)
+    if len(specs) != 1 or len(protos) != 1:
+        raise FsbenchError("fsbench tune takes one protocol and one method (-m NAME[:fixed=...])")
+    out = args.out or Path(f"{protos[0].name}.{specs[0].name}.tuned.toml")
+    if not out.parent.is_dir():
+        raise FsbenchError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    executor = shared_executor(tuple(args.plugin))
+    result = tune(
+        protos[0],
+        specs[0],
+        grid,
+        executor=executor,
+        workdir=args.workdir,
+        split=args.split,
+        n_tasks=args.tasks,
+        root=args.data_root,
+        backbone=args.backbone,
+        device=resolve_device(args.device),
+        budget=args.budget,
+        progress=not args.quiet,
+    )
+    print(f"{result.record['validation']}: {args.tasks} episodes of split {result.record['split']}")
+    for i, (point, mean, half) in enumerate(
+        zip(result.points, result.means, result.half_widths, strict=True)
+    ):
+        mark = "  <- chosen" if i == result.best else ""
+        shown = ", ".join(f"{k}={v}" for k, v in point.items())
+        print(f"  {shown:40s} {100 * mean:6.2f} ± {100 * half:.2f}{mark}")
+    write_tuned(out, specs[0], result)
+    print(f"wrote {out}; run it with: fsbench run {args.protocol} --method-config {out}")
+    return 0
 
 
 def _known_families(df) -> dict[str, str]:
@@ -673,6 +715,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin(p)
     _add_common(p)
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "tune",
+        help="choose hyper-parameters on episodes of a validation split (never the test "
+        "classes); writes a --method-config file for `run`",
+    )
+    p.add_argument("protocol", help="the protocol whose episode shape to tune for")
+    p.add_argument("--method", "-m", action="append", help="the method, with fixed parameters")
+    _add_method_config(p)
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="values to try for one parameter (repeat for several: every combination runs)",
+    )
+    p.add_argument("--split", default=None, help="validation split (default: val)")
+    p.add_argument("--tasks", type=int, default=200, help="validation episodes (default 200)")
+    p.add_argument("--out", type=Path, default=None, help="the tuned configuration file")
+    p.add_argument("--backbone", default=None, help="as for `run`")
+    p.add_argument("--budget", type=int, default=None, help="as for `run`")
+    p.add_argument("--device", default="auto", help="as for `run`")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_plugin(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
         "report", help="mean ± 95%% CI per protocol and method from the results store"

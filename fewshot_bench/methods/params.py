@@ -231,9 +231,10 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), params
 
 
-def load_method_config(path: str) -> list[tuple[str, dict[str, Any]]]:
-    """Methods and parameters from a TOML file: ``[[method]]`` tables with ``name = "..."`` and
-    the parameters as keys (``fsbench tune`` writes this format)."""
+def load_method_config(path: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Methods, parameters and tuning records from a TOML file: ``[[method]]`` tables with
+    ``name = "..."``, the parameters as keys and optionally a ``[method.tuning]`` table saying
+    how they were chosen (``fsbench tune`` writes this format)."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -253,8 +254,10 @@ def load_method_config(path: str) -> list[tuple[str, dict[str, Any]]]:
         name = params.pop("name", None)
         if not isinstance(name, str):
             raise ProtocolError(f"--method-config {path}: [[method]] number {i + 1} has no name")
-        params.pop("provenance", None)  # informational (e.g. how `fsbench tune` chose the values)
-        out.append((name, params))
+        tuning = params.pop("tuning", {})
+        if not isinstance(tuning, dict):
+            raise ProtocolError(f"--method-config {path}: tuning of {name!r} must be a table")
+        out.append((name, params, tuning))
     return out
 
 

@@ -39,12 +39,14 @@ class MethodSpec:
     """How a worker finds and builds a method: its registry name and the parameters given.
 
     ``origin`` locates a class that is not found by name in a fresh process:
-    ``"package.module:ClassName"`` or ``"/path/to/file.py:ClassName"``.
+    ``"package.module:ClassName"`` or ``"/path/to/file.py:ClassName"``. ``tuning``: how the
+    parameters were chosen (``fsbench tune``); it becomes part of every row's configuration.
     """
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
     origin: str = ""
+    tuning: dict[str, Any] = field(default_factory=dict)
 
 
 def _load_file_module(path: str) -> Any:
@@ -122,7 +124,10 @@ def describe(method: Any, cls: type, spec: MethodSpec) -> dict[str, Any]:
         )
     params = json.loads(json.dumps(method.params, default=str))
     defaults = json.loads(json.dumps(dict(cls.defaults), default=str))
-    config = json.loads(json.dumps({**method.config(), "method": name}, default=str))
+    config = {**method.config(), "method": name}
+    if spec.tuning:
+        config["tuning"] = spec.tuning
+    config = json.loads(json.dumps(config, default=str))
     if method.setting not in SETTINGS:
         raise FsbenchError(
             f"method {name!r}: setting must be one of {SETTINGS}, not {method.setting!r}"
