@@ -81,6 +81,22 @@ DIFFUSION: Schema = grouped(
         ),
         "sinkhorn_iters": Param(5, "Sinkhorn iterations (norm=sinkhorn)", low=1),
         "class_batch": Param(None, "classes diffused at once (none: all)", kind=int, low=1),
+        "alpha": Param(
+            None,
+            "label spreading with persistence (Zhou et al. 2004): F <- alpha S F + (1-alpha) Y "
+            "instead of Douze diffusion; none: off",
+            kind=float,
+            low=0,
+            high=1,
+            open_low=True,
+            open_high=True,
+        ),
+        "spreading": Param(
+            "closed",
+            "label spreading solver: closed form (sparse LU) or iterative (n_iter steps; auto: "
+            "max_iter)",
+            choices=("closed", "iterative"),
+        ),
     },
 )
 

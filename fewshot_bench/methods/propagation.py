@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from fewshot_bench.errors import ProtocolError
@@ -62,6 +63,7 @@ from fewshot_bench.graph.diffusion import (
     scores_to_log_probs,
 )
 from fewshot_bench.graph.spectral import Voters, extend_to_out_nodes, spectral_embedding, vote
+from fewshot_bench.graph.spreading import label_spreading
 from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES, few_threads
 from fewshot_bench.methods.base import Method, Scorer, TaskContext
 from fewshot_bench.methods.param_groups import (
@@ -210,6 +212,20 @@ class GraphPropagation(PropagationMethod):
         (:func:`~fewshot_bench.graph.diffusion.diffuse_select`).
         """
         p = self.params
+        if p["alpha"] is not None:
+            n_iter = None
+            if p["spreading"] == "iterative":
+                n_iter = int(p["max_iter"] if p["n_iter"] == "auto" else p["n_iter"])
+            F = label_spreading(
+                graph,
+                np.arange(task.n_support),
+                task.support_labels.cpu().numpy(),
+                task.n_way,
+                float(p["alpha"]),
+                n_iter=n_iter,
+            )
+            self.last_n_iter = n_iter
+            return scores_to_log_probs(F[rows.cpu()].to(ctx.device))
         W = graph.transition(ctx.device)
         seeds = torch.arange(task.n_support, device=ctx.device)
         labels = task.support_labels.to(ctx.device).long()
@@ -308,6 +324,14 @@ class DiffusionLogreg(_DiffusionPropagator):
         ),
         "default_mix": Param(0.5, "a when the support cannot be split for mix=auto", low=0, high=1),
     }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if self.params["alpha"] is not None:
+            raise ProtocolError(
+                f"method {self.name!r}: parameter alpha (label spreading) is not supported by "
+                "the late fusion; use -m diffusion:alpha=..."
+            )
 
     def _logreg(self, x: torch.Tensor, y: torch.Tensor, n_way: int) -> torch.nn.Linear:
         return fit_weighted_logreg(
