@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -108,6 +110,8 @@ class Protocol:
                 s += f", {p['n_unlabeled']} unlabeled/class"
             if p["n_distractor"]:
                 s += f", {p['n_distractor']} distractor classes"
+            if p.get("query_imbalance"):
+                s += f", queries per class imbalanced (Dirichlet {p['query_imbalance']:g})"
             return f"{ds}: {s}, {p['n_tasks']} tasks/seed"
         amount = (
             f"{p['n_labels']} labels"
@@ -215,7 +219,7 @@ def _positive_int(value: Any, key: str, source: str, *, zero_ok: bool = False) -
 def _parse(doc: dict, source: str) -> list[Protocol]:
     _check_keys(
         doc,
-        {"name", "description", "reference", "dataset", "episodes", "ssl", "run"},
+        {"name", "description", "reference", "dataset", "episodes", "shapes", "ssl", "run"},
         "top level",
         source,
     )
@@ -277,9 +281,21 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
     has_ep, has_ssl = "episodes" in doc, "ssl" in doc
     if has_ep == has_ssl:
         raise ProtocolError(f"{source}: give exactly one of [episodes] or [ssl]")
+    if "shapes" in doc and not has_ep:
+        raise ProtocolError(f"{source}: [shapes] varies an [episodes] table; add one")
+    if has_ep and "shapes" in doc:
+        return _shape_family(doc, source, name, common)
     if has_ep:
         params = {**EPISODE_DEFAULTS, **_table(doc, "episodes", source)}
-        _check_keys(params, set(EPISODE_DEFAULTS), "episodes", source)
+        _check_keys(params, {*EPISODE_DEFAULTS, "query_imbalance"}, "episodes", source)
+        imbalance = params.pop("query_imbalance", 0)
+        if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or imbalance < 0:
+            raise ProtocolError(
+                f"{source}: query_imbalance must be a number >= 0 (the Dirichlet concentration of "
+                f"the query classes; 0: balanced), got {imbalance!r}"
+            )
+        if imbalance:  # only then, so balanced protocols keep their hash
+            params["query_imbalance"] = float(imbalance)
         for key in ("n_way", "k_shot", "n_tasks"):
             _positive_int(params[key], key, source)
         for key in ("n_query", "n_unlabeled", "n_distractor", "split_seed"):
@@ -362,6 +378,60 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
                     **copy.deepcopy(common),
                 )
             )
+    return out
+
+
+#: What ``[shapes]`` may vary, and how a variant's name shows it.
+SHAPE_KEYS = ("n_way", "k_shot", "n_query", "pool", "query_imbalance", "max_per_class")
+
+
+def _shape_family(doc: dict, source: str, name: str, common: dict) -> list[Protocol]:
+    """One protocol per combination of the ``[shapes]`` lists (a shape-robustness family):
+    ``n_way``, ``k_shot``, ``n_query`` lists of integers, ``pool`` a list of ``[n_unlabeled,
+    n_distractor]`` pairs, ``query_imbalance`` a list of Dirichlet concentrations (0: balanced)."""
+    shapes = _table(doc, "shapes", source)
+    _check_keys(shapes, set(SHAPE_KEYS), "shapes", source)
+    base = _table(doc, "episodes", source)
+    limit = shapes.get("max_per_class")
+    if limit is not None:
+        _positive_int(limit, "[shapes] max_per_class", source)
+    lists = {}
+    for key in SHAPE_KEYS[:-1]:
+        value = shapes.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not value:
+            raise ProtocolError(f"{source}: [shapes] {key} must be a non-empty list, got {value!r}")
+        lists[key] = value
+    out = []
+    for combo in itertools.product(*lists.values()):
+        shape = dict(zip(lists, combo, strict=True))
+        episodes = dict(base)
+        tag = []
+        for key in ("n_way", "k_shot", "n_query", "query_imbalance"):
+            if key in shape:
+                episodes[key] = shape[key]
+        if "pool" in shape:
+            pair = shape["pool"]
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise ProtocolError(
+                    f"{source}: [shapes] pool entries are [n_unlabeled, n_distractor] pairs, "
+                    f"got {pair!r}"
+                )
+            episodes["n_unlabeled"], episodes["n_distractor"] = pair
+        e = {**EPISODE_DEFAULTS, **episodes}
+        if limit is not None and e["k_shot"] + e["n_query"] + e["n_unlabeled"] > limit:
+            continue  # a shape the dataset's classes cannot hold (e.g. 5 + 15 + 5 > 20 images)
+        tag.append(f"{e['n_way']}w{e['k_shot']}s-q{e['n_query']}")
+        if e["n_unlabeled"]:
+            tag.append(f"u{e['n_unlabeled']}d{e['n_distractor']}")
+        if episodes.get("query_imbalance"):
+            tag.append(f"dir{float(episodes['query_imbalance']):g}")
+        variant = {k: v for k, v in doc.items() if k != "shapes"}
+        variant["name"] = f"{name}-{'-'.join(tag)}"
+        variant["episodes"] = episodes
+        (protocol,) = _parse(copy.deepcopy(variant), source)
+        out.append(dataclasses.replace(protocol, family=name))
     return out
 
 

@@ -135,14 +135,21 @@ class EpisodeSampler:
         n_way, k, q, m = p["n_way"], p["k_shot"], p["n_query"], p["n_unlabeled"]
         chosen = rng.choice(self.classes, size=n_way + p["n_distractor"], replace=False)
         episode, distractors = chosen[:n_way], chosen[n_way:]
+        counts = [q] * n_way
+        if p.get("query_imbalance"):
+            reserved = k + (m if self.unlabeled is None else 0)
+            caps = [len(self.labeled[c]) - reserved for c in episode]
+            counts = imbalanced_counts(rng, n_way * q, caps, float(p["query_imbalance"]))
         sup, qry, unl = [], [], []
-        for c in episode:
+        for c, qc in zip(episode, counts, strict=True):
             items = rng.permutation(self.labeled[c])
             sup.append(items[:k])
-            qry.append(items[k : k + q])
+            qry.append(items[k : k + qc])
             if m:
                 pool = (
-                    items[k + q :] if self.unlabeled is None else rng.permutation(self.unlabeled[c])
+                    items[k + qc :]
+                    if self.unlabeled is None
+                    else rng.permutation(self.unlabeled[c])
                 )
                 unl.append(pool[:m])
         if m:
@@ -159,6 +166,25 @@ class EpisodeSampler:
             query=np.concatenate(qry).astype(np.int64),
             classes=episode.astype(np.int64),
         )
+
+
+def imbalanced_counts(
+    rng: np.random.Generator, total: int, caps: list[int], alpha: float
+) -> list[int]:
+    """Queries per class for an imbalanced episode (Veilleux et al. 2021): class proportions
+    drawn from a symmetric Dirichlet(``alpha``), ``total`` queries allotted by a multinomial,
+    a class never past its ``caps`` entry (its excess goes to the classes with room)."""
+    cap = np.asarray(caps, dtype=np.int64)
+    share = rng.dirichlet(np.full(len(cap), alpha))
+    counts = np.zeros(len(cap), dtype=np.int64)
+    left = min(total, int(cap.sum()))
+    while left > 0:
+        room = (counts < cap) * share
+        room = room / room.sum() if room.sum() > 0 else (counts < cap) / (counts < cap).sum()
+        new = np.minimum(counts + rng.multinomial(left, room), cap)
+        left -= int((new - counts).sum())
+        counts = new
+    return counts.tolist()
 
 
 def ssl_split(pool: Pool, params: dict, seed: int, *, name: str = "protocol") -> TaskIndices:
