@@ -186,8 +186,8 @@ def test_auto_k_follows_the_nodes_per_class() -> None:
 
 
 def test_graph_methods_hold_on_one_query_per_class(digits) -> None:
-    """With one query per class a fixed k = 10 links every node mostly to other classes and
-    diffusion falls far below nearest-prototype; k = auto keeps it level."""
+    """With one query per class a fixed k = 10 links every node mostly to other classes; k = auto
+    keeps the graph methods level with nearest-prototype."""
     x, y = digits
     accs: dict[str, list[float]] = {"proto": [], "auto": [], "k10": [], "spectral": []}
     for seed in range(20):
@@ -202,5 +202,34 @@ def test_graph_methods_hold_on_one_query_per_class(digits) -> None:
         ):
             accs[key].append((m.predict(task, ctx).argmax(1) == truth).float().mean().item())
     mean = {k: float(np.mean(v)) for k, v in accs.items()}
-    assert mean["k10"] < mean["proto"] - 0.15, mean
+    assert mean["auto"] >= mean["k10"], mean
     assert mean["auto"] >= mean["proto"] - 0.05 and mean["spectral"] >= mean["proto"] - 0.05, mean
+
+
+def test_queries_no_seed_reaches_get_the_support_vote_not_a_uniform_guess(digits) -> None:
+    """Imbalanced queries on a small graph (one class has 6 queries, the others 1): queries in
+    a component without a seed used to get uniform scores; they get the support's eq. 5 vote."""
+    x, y = digits
+    rng = np.random.default_rng(0)
+    uniform_rows = 0
+    for seed in range(10):
+        classes = rng.choice(10, 5, replace=False)
+        s, q, ql = [], [], []
+        for j, c in enumerate(classes):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            s.append(idx[0])
+            n_q = 6 if j == 0 else 1
+            q += list(idx[1 : 1 + n_q])
+            ql += [j] * n_q
+        task = Task(
+            torch.from_numpy(x[s]),
+            torch.arange(5),
+            torch.zeros(0, x.shape[1]),
+            torch.from_numpy(x[q]),
+            5,
+            "features",
+        )
+        scores = Diffusion(k=1).predict(task, TaskContext.create(seed))
+        uniform_rows += int(((scores.max(1).values - scores.min(1).values) <= 1e-6).sum())
+        assert torch.isfinite(scores).all()
+    assert uniform_rows == 0

@@ -95,6 +95,10 @@ def prepare_task_features(
     return f(task.support), f(unl), f(task.query)
 
 
+#: Eq. 5 inverse temperature (1 / 0.05, nn-propagation's default) for queries diffusion never
+#: reaches.
+UNREACHED_SIGMA = 20.0
+
 #: The largest neighbour count ``k="auto"`` picks (the published default on episode graphs).
 K_AUTO_MAX = 10
 
@@ -303,7 +307,16 @@ class Diffusion(_DiffusionPropagator):
         graph, sup, unl, qry = self._task_graph(task, ctx)
         n0 = sup.shape[0] + unl.shape[0]
         rows = torch.arange(n0, n0 + qry.shape[0])
-        return self._diffusion_scores(graph, rows, task, ctx).cpu()
+        scores = self._diffusion_scores(graph, rows, task, ctx)
+        # a query in a component without any seed gets no mass (a uniform row): on small or
+        # imbalanced graphs that is common, and a uniform guess is the worst answer; such
+        # queries are scored by the support's eq. 5 vote on the features instead
+        unreached = (scores.max(1).values - scores.min(1).values) <= 1e-6
+        if bool(unreached.any()):
+            labels = task.support_labels.to(ctx.device).long()
+            votes = vote(sup, labels, qry[unreached], task.n_way, UNREACHED_SIGMA)
+            scores[unreached] = votes.log_softmax(1).to(scores.dtype)
+        return scores.cpu()
 
 
 @register_method("diffusion-logreg")
