@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from fewshot_bench.cli import main
+from fewshot_bench.methods.params import tomllib
 from fewshot_bench.run.fixtures import write_episodic_protocol
 
 

@@ -13,13 +13,17 @@ One meaning per name across methods: ``normalize`` is always one of ``l2`` / ``c
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import tomllib
-
 from fewshot_bench.errors import ProtocolError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 _ANY = object()
 
