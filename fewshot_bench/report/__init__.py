@@ -12,7 +12,7 @@ of different task sets (manifests) or code are never pooled, and paired comparis
 the very same tasks (see :mod:`fewshot_bench.report.entries`, :mod:`fewshot_bench.report.stats`).
 
 Modules, leaves first (each imports only modules above it, so there is no import cycle):
-``entries`` → ``stats`` → ``notes``, ``tables``, ``plots`` → ``family`` → ``pages``;
+``entries`` → ``stats`` → ``notes``, ``tables``, ``plots`` → ``shapes``, ``family`` → ``pages``;
 ``cards`` stands alone. This package module only re-exports.
 """
 

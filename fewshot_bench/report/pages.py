@@ -25,6 +25,7 @@ from fewshot_bench.report.family import (
 )
 from fewshot_bench.report.notes import dataset_note, dataset_notes, provenance_notes
 from fewshot_bench.report.plots import axis_label, plot_accuracy_curve
+from fewshot_bench.report.shapes import is_shape_family, write_shape_page
 from fewshot_bench.report.stats import ReportError, prepare
 from fewshot_bench.report.tables import (
     DIFFERENT_TASK_SETS,
@@ -177,7 +178,8 @@ def write_family(
     rep = reported or {}
     if len(protos) == 1:
         return write_leaderboard(data, protos[0], out_dir, rep.get(protos[0]), family=family)
-    stem = _family_stem(family, protos)
+    shapes = is_shape_family(data, family)
+    stem = f"{safe_name(family)}-shapes" if shapes else _family_stem(family, protos)
     paths: list[Path] = []
     links = []
     for p in protos:
@@ -192,6 +194,8 @@ def write_family(
         )
         links.append(written[0].name)
         paths += written
+    if shapes:  # protocols differ in episode shape, not in budget: methods x shapes
+        return write_shape_page(data, family, out_dir) + paths
     note = "\n\n".join(_notes(data, protos, None))
     page = write_family_page(
         data, family, out_dir, rep, note=note, stem=stem, links=links, ci_note=CI_NOTE
@@ -259,7 +263,8 @@ def _page_line(data: pd.DataFrame, family: str) -> PageLine:
     protos = family_protocols(data, family)
     if len(protos) > 1:
         entry, where, acc, hw, setting = best_at_largest(data, family)
-        page = f"{_family_stem(family, protos)}.md"
+        shapes = is_shape_family(data, family)
+        page = f"{safe_name(family)}-shapes.md" if shapes else f"{_family_stem(family, protos)}.md"
         return PageLine(family, page, len(protos), entry, where, acc, hw, setting)
     board = leaderboard(data, protos[0])
     top = board.iloc[0]
