@@ -53,6 +53,15 @@ def _add_method_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_method_args(p: argparse.ArgumentParser, method_help: str) -> None:
+    """-m / --method-config plus the options that decide what a method runs on."""
+    p.add_argument("--method", "-m", action="append", help=method_help)
+    _add_method_config(p)
+    p.add_argument("--backbone", default=None, help="as for `run`")
+    p.add_argument("--budget", type=int, default=None, help="as for `run`")
+    p.add_argument("--device", default="auto", help="as for `run`")
+
+
 def _add_executor(p: argparse.ArgumentParser, default: str | None = "serial") -> None:
     from fewshot_bench.run.executor import EXECUTORS
 
@@ -705,13 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predictions depend on order, and stored rows that do not reproduce",
     )
     p.add_argument("protocol", help="protocol name, family name or path to a .toml file")
-    p.add_argument("--method", "-m", action="append", help="as for `run`")
-    _add_method_config(p)
-    p.add_argument("--backbone", default=None, help="as for `run`")
-    p.add_argument("--budget", type=int, default=None, help="as for `run`")
+    _add_method_args(p, "as for `run`")
     p.add_argument("--seed", type=int, default=None, help="which seed's tasks (default: first)")
     p.add_argument("--tasks", type=int, default=20, help="how many tasks to rerun (default 20)")
-    p.add_argument("--device", default="auto", help="as for `run`")
     _add_plugin(p)
     _add_common(p)
     p.set_defaults(func=cmd_audit)
@@ -722,8 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         "classes); writes a --method-config file for `run`",
     )
     p.add_argument("protocol", help="the protocol whose episode shape to tune for")
-    p.add_argument("--method", "-m", action="append", help="the method, with fixed parameters")
-    _add_method_config(p)
+    _add_method_args(p, "the method, with fixed parameters")
     p.add_argument(
         "--grid",
         action="append",
@@ -734,9 +738,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="validation split (default: val)")
     p.add_argument("--tasks", type=int, default=200, help="validation episodes (default 200)")
     p.add_argument("--out", type=Path, default=None, help="the tuned configuration file")
-    p.add_argument("--backbone", default=None, help="as for `run`")
-    p.add_argument("--budget", type=int, default=None, help="as for `run`")
-    p.add_argument("--device", default="auto", help="as for `run`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_plugin(p)
     _add_common(p)
