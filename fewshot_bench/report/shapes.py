@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fewshot_bench.atomic import write_text_atomic
-from fewshot_bench.report.entries import entry_name, format_params, short_backbone, short_hash
+from fewshot_bench.report.entries import entry_labels, short_backbone, with_page_sets
 from fewshot_bench.report.stats import (
     ReportError,
     aggregate,
@@ -39,18 +39,6 @@ def is_shape_family(df: pd.DataFrame, family: str) -> bool:
     return len(sub) > 1 and sub["x_value"].duplicated().any()
 
 
-def _entries(data: pd.DataFrame) -> pd.Series:
-    names = [
-        entry_name(m, format_params(p)) for m, p in zip(data["method"], data["params"], strict=True)
-    ]
-    label = pd.Series(names, index=data.index)
-    code = data["code_fingerprint"].map(short_hash)
-    several = label.groupby(label).transform(
-        lambda s: data.loc[s.index, "code_fingerprint"].nunique() > 1
-    )
-    return label.where(~several, label + " [code " + code + "]")
-
-
 def shape_tables(df: pd.DataFrame, family: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(accuracy ``mean ± CI`` per entry and shape, paired difference to the reference per entry
     and shape, summary per entry: shapes, mean accuracy, worst difference, shapes held)."""
@@ -59,7 +47,10 @@ def shape_tables(df: pd.DataFrame, family: str) -> tuple[pd.DataFrame, pd.DataFr
     if data.empty:
         raise ReportError(f"no results for family {family!r}")
     data["shape"] = data["protocol"].str.removeprefix(f"{family}-")
-    data["entry"] = _entries(data)
+    # one label per entry across the shapes, qualified (backbone, config, code) only where
+    # several entries share a name, as on family pages
+    data = with_page_sets(data)
+    data["entry"] = entry_labels(data.assign(task_set=data["page_set"]))
     shapes = sorted(data["shape"].unique(), key=_shape_order)
     entries = list(dict.fromkeys(data.sort_values("entry")["entry"]))
     acc = pd.DataFrame(index=entries, columns=shapes, dtype=object)
