@@ -12,6 +12,7 @@ One meaning per name across methods: ``normalize`` is always one of ``l2`` / ``c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Mapping
@@ -101,38 +102,11 @@ class Param:
         return value
 
     def _convert(self, value: Any) -> Any:
-        kind = self.kind
-        if kind is None:
-            return value
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-                return value.lower() in ("true", "yes")
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError
-            return value
-        if kind is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-        if kind is list:
+        if self.kind is list:
             if not isinstance(value, (list, tuple)):
                 raise ValueError
-            item = Param(0.0 if self.item is float else "", kind=self.item) if self.item else None
-            return [item._convert(v) if item else v for v in value]
-        raise ValueError
+            return [convert(self.item, v) for v in value]
+        return convert(self.kind, value)
 
     def _check_bounds(self, v: Any) -> None:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -141,6 +115,32 @@ class Param:
             raise ValueError
         if self.high is not None and (v >= self.high if self.open_high else v > self.high):
             raise ValueError
+
+
+def convert(kind: type | None, value: Any) -> Any:
+    """``value`` as ``kind`` (``None``: as it is); ``ValueError`` when it is not one: booleans are
+    not numbers, an int must be whole, a float finite."""
+    if kind is None:
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ValueError
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if not math.isfinite(value):
+            raise ValueError
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise ValueError
 
 
 def infer_kind(default: Any) -> type | None:
@@ -283,7 +283,4 @@ def describe_schema(schema: Schema) -> list[str]:
 
 def grouped(group: str, params: dict[str, Param]) -> Schema:
     """``params`` tagged with ``group`` (the heading ``fsbench methods NAME`` shows them under)."""
-    return {
-        k: Param(**{**{f: getattr(p, f) for f in p.__dataclass_fields__}, "group": group})
-        for k, p in params.items()
-    }
+    return {k: dataclasses.replace(p, group=group) for k, p in params.items()}

@@ -126,6 +126,10 @@ class PropagationMethod(Method):
         """Log-scores ``[n_unlabeled, n_way]`` this method's propagation gives the unlabeled pool."""
         raise NotImplementedError
 
+    def _sigma(self) -> float:
+        """Eq. 5's inverse temperature σ = 1 / ``vote_temperature``."""
+        return 1.0 / float(self.params["vote_temperature"])
+
     def _few_threads(self, task: Task, ctx: TaskContext) -> Any:
         n = task.n_support + int(task.unlabeled.shape[0]) + int(task.query.shape[0])
         return few_threads(ctx.device.type == "cpu" and n <= SMALL_PROBLEM_NODES)
@@ -428,10 +432,6 @@ class SpectralPropagation(GraphPropagation):
         labels = task.support_labels.to(ctx.device).long()
         return vote(e[:n_s], labels, e[n_s : n_s + unl.shape[0]], task.n_way, self._sigma())
 
-    def _sigma(self) -> float:
-        """Eq. 5's inverse temperature σ = 1 / ``vote_temperature``."""
-        return 1.0 / float(self.params["vote_temperature"])
-
 
 @register_method("nn-propagation")
 class NNPropagation(PropagationMethod):
@@ -456,9 +456,6 @@ class NNPropagation(PropagationMethod):
         "use_unlabeled": Param(True, "let confident pseudo-labels of the pool vote too"),
         **CONFIDENCE,
     }
-
-    def _sigma(self) -> float:
-        return 1.0 / float(self.params["vote_temperature"])
 
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         sup, unl, _ = prepare_task_features(task, ctx, self.params["normalize"])
