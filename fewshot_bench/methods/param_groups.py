@@ -112,6 +112,11 @@ SPECTRAL: Schema = grouped(
         ),
         "tol": Param(1e-3, "eigen-residual tolerance", low=0, open_low=True),
         "solver": Param("auto", "eigensolver", choices=SOLVERS),
+        "support_check": Param(
+            True,
+            "with >= 2 shots per class, keep the spectral vote only if it beats the feature "
+            "vote on held-out support items (5 folds, one item per class held out)",
+        ),
     },
 )
 

@@ -32,10 +32,11 @@ in every class; otherwise the defaults (``default_iter`` = 3, ``default_mix`` = 
 ``diffusion`` runs the folds and the final diffusion as column groups of one pass
 (``class_batch`` then only applies when the widened matrix would not fit 1 GiB).
 
-Defaults: ``k = "auto"`` neighbours, ``min(10, core nodes per class - 1)`` (:func:`graph_k`: 10 on
-the usual episode shapes and on large pools; 1 on a 20-way 1-shot graph with one query per
-class, where k = 10 linked every node mostly to other classes; Douze et al. use 30 at ImageNet
-scale, pass ``k=30`` there),
+Defaults: ``k = "auto"`` neighbours, ``min(10, core nodes per class // 2)`` (:func:`graph_k`: 10
+on large pools and shapes with 20 or more nodes per class, fewer on small episode graphs, where
+k = 10 linked every node mostly to other classes; Douze et al. use 30 at ImageNet scale, pass
+``k=30`` there); graphs with fewer than :data:`MIN_NODES_PER_CLASS` core nodes per class are
+not built (the queries get the support's eq. 5 vote on the features);
 cosine similarity on L2-normalised features, exact search up to ~14k points, IVF beyond, and
 background sets of ≥ 20k points cached (``$FSBENCH_GRAPH_CACHE`` or ``$FSBENCH_CACHE/graphs``
 on disk, the last two in memory) so tasks sharing an unlabeled pool build ``W_BB`` once.
@@ -106,14 +107,27 @@ K_AUTO_MAX = 10
 def graph_k(k: int | str, n_core: int, n_way: int) -> int:
     """The neighbour count of a graph of ``n_core`` core nodes over ``n_way`` classes.
 
-    ``"auto"``: ``min(10, m - 1)`` (at least 1) with ``m = n_core / n_way`` core nodes per class:
-    a node has at most ``m - 1`` neighbours of its own class, so a larger ``k`` links it mostly
-    to other classes (a 20-way 1-shot graph with one query per class has m = 2). Episode shapes
-    with 11 or more nodes per class, and large unlabeled pools, keep ``k = 10``."""
+    ``"auto"``: ``min(10, m // 2)`` (at least 1) with ``m = n_core / n_way`` core nodes per
+    class. A node has at most ``m - 1`` neighbours of its own class when the classes are
+    balanced and every node belongs to one of them; distractor classes in the pool and
+    imbalanced queries leave a class fewer nodes than that (a 5-way 1-shot task with 5 unlabeled
+    items per class and 5 distractor classes has m = 11 but 6 nodes per class), and any ``k``
+    beyond a class's size links its nodes to other classes. Half the average class size keeps
+    ``k`` below the class size while up to half of the graph is other classes' items; episode
+    graphs with 20 or more nodes per class, and large unlabeled pools, keep ``k = 10``."""
     if k != "auto":
         return int(k)
     per_class = n_core // max(1, n_way)
-    return max(1, min(K_AUTO_MAX, per_class - 1))
+    return max(1, min(K_AUTO_MAX, per_class // 2))
+
+
+#: Support folds of spectral-propagation's ``support_check``.
+CHECK_FOLDS = 5
+
+#: Graphs with fewer core nodes per class than this carry no kNN structure to propagate along
+#: (a 1-shot task with one query per class has 2): the graph methods score the queries by the
+#: support's eq. 5 vote on the features instead (:meth:`GraphPropagation.too_small`).
+MIN_NODES_PER_CLASS = 3
 
 
 class PropagationMethod(Method):
@@ -142,9 +156,27 @@ class GraphPropagation(PropagationMethod):
     setting = "transductive"
 
     def predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
-        """Scores ``[n_query, n_way]``; small CPU tasks run single-threaded (see ``graph.threads``)."""
+        """Scores ``[n_query, n_way]``; small CPU tasks run single-threaded (see ``graph.threads``).
+
+        A graph too small to carry a kNN structure (:meth:`too_small`) is not built: the queries
+        get the support's eq. 5 vote on the features."""
+        if self.too_small(task):
+            sup, _, qry = prepare_task_features(task, ctx, self.params["normalize"])
+            labels = task.support_labels.to(ctx.device).long()
+            return vote(sup, labels, qry, task.n_way, UNREACHED_SIGMA).log_softmax(1).cpu()
         with self._few_threads(task, ctx):
             return self._predict(task, ctx)
+
+    def too_small(self, task: Task) -> bool:
+        """Whether the task's graph would have fewer than :data:`MIN_NODES_PER_CLASS` core nodes
+        per class (only with ``k="auto"``: an explicit ``k`` always builds the graph)."""
+        if self.params["k"] != "auto":
+            return False
+        n_unl = int(task.unlabeled.shape[0])
+        n_core = task.n_support + n_unl
+        if self._queries_in_graph(n_unl):
+            n_core += int(task.query.shape[0])
+        return n_core < MIN_NODES_PER_CLASS * task.n_way
 
     def _predict(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         raise NotImplementedError
@@ -411,8 +443,11 @@ class SpectralPropagation(GraphPropagation):
     Parameters: graph ones (as ``diffusion``; ``temperature`` divides the edge similarity)
     plus ``n_eig`` (η, 200: eigenpairs ``j = 2..min(η, n)`` of ``L_sym``, the trivial ``j = 1``
     excluded, so at most η - 1 embedding columns), ``vote_temperature`` (0.025: eq. 5 voting
-    ``exp(cos / vote_temperature)`` on embedding rows, the paper's σ = 40), ``tol`` (eigen-residual), ``solver`` (auto/dense/chebyshev/arpack). Queries are
-    attached out-only (Nyström-style neighbour average) unless they are in the graph (see
+    ``exp(cos / vote_temperature)`` on embedding rows, the paper's σ = 40), ``tol``
+    (eigen-residual), ``solver`` (auto/dense/chebyshev/arpack), ``support_check`` (with ≥ 2
+    shots per class the spectral vote is kept only when it beats the support's feature vote on
+    held-out support items; on Omniglot's 5-shot shapes it did not, by 0.3-2 points). Queries
+    are attached out-only (Nyström-style neighbour average) unless they are in the graph (see
     module docstring).
     """
 
@@ -423,7 +458,30 @@ class SpectralPropagation(GraphPropagation):
         e = self._spectral_embeddings(graph, ctx)
         n_s, n0 = sup.shape[0], sup.shape[0] + unl.shape[0]
         labels = task.support_labels.to(ctx.device).long()
+        if self.params["support_check"] and not self._spectral_wins(e[:n_s], sup, labels, ctx):
+            self.last_choice = "features"
+            return vote(sup, labels, qry, task.n_way, UNREACHED_SIGMA).cpu()
+        self.last_choice = "spectral"
         return vote(e[:n_s], labels, e[n0 : n0 + qry.shape[0]], task.n_way, self._sigma()).cpu()
+
+    def _spectral_wins(
+        self, emb: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, ctx: TaskContext
+    ) -> bool:
+        """Whether the spectral vote classifies held-out support items (still graph nodes) more
+        accurately than the feature vote, summed over :data:`CHECK_FOLDS` folds. A tie keeps the
+        feature vote (the simpler model); a task with a 1-shot class has no folds and keeps the
+        spectral vote."""
+        folds = leave_some_out_folds(labels, CHECK_FOLDS, ctx.generator)
+        if not folds:
+            return True
+        n_way, wins = int(labels.max()) + 1, 0
+        for fold in folds:
+            tr, ho = fold.train.to(labels.device), fold.held_out.to(labels.device)
+            graph_votes = vote(emb[tr], labels[tr], emb[ho], n_way, self._sigma())
+            feat_votes = vote(feats[tr], labels[tr], feats[ho], n_way, UNREACHED_SIGMA)
+            wins += int((graph_votes.argmax(1) == labels[ho]).sum())
+            wins -= int((feat_votes.argmax(1) == labels[ho]).sum())
+        return wins > 0
 
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         graph, sup, unl, _ = self._task_graph(task, ctx, with_queries=False)
