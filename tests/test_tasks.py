@@ -107,6 +107,47 @@ def test_sampler_invariants_semi_with_distractors(omniglot_pool):
         assert len(set(t.classes.tolist())) == 5
 
 
+def test_metric_transfer_pool_is_every_class_unlabeled_part(omniglot_pool):
+    """unlabeled_pool = "all": every task's pool is the unlabeled 60% of every test class, in a
+    per-task order; support and queries come from the labeled 40%."""
+    data = omniglot_pool.data
+    proto = resolve_protocols("omniglot-metric-transfer-5w5s-q3")[0]
+    assert proto.params["unlabeled_pool"] == "all" and proto.params["n_tasks"] == 300
+    sampler = EpisodeSampler(data.labels, data.n_classes, proto.params)
+    labeled = set(np.concatenate(sampler.labeled).tolist())
+    everything_unlabeled = np.sort(np.concatenate(sampler.unlabeled))
+    assert len(everything_unlabeled) == 1692 * 12  # Vinyals test: 423 characters x 4 rotations
+    orders = set()
+    for i in range(5):
+        t = sampler.sample(seed=0, task_index=i)
+        assert len(t.support) == 25 and len(t.query) == 15
+        assert np.array_equal(np.sort(t.unlabeled), everything_unlabeled)
+        assert set(t.support.tolist()) | set(t.query.tolist()) <= labeled
+        orders.add(tuple(t.unlabeled[:20].tolist()))
+        # not sorted by class: a position says nothing about a label
+        assert not np.all(np.diff(data.labels[t.unlabeled]) >= 0)
+    assert len(orders) == 5
+    # protocols without the key keep their hash (the key is only stored when "all")
+    assert "unlabeled_pool" not in resolve_protocols("omniglot-semi-5w1s")[0].params
+
+
+@pytest.mark.parametrize(
+    ("episodes", "needle"),
+    [
+        ('unlabeled_pool = "most"', "must be 'episode' or 'all'"),
+        ('unlabeled_pool = "all"', "needs labeled_fraction < 1"),
+        ('unlabeled_pool = "all"\nlabeled_fraction = 0.4\nn_unlabeled = 5', "drop n_unlabeled"),
+    ],
+)
+def test_bad_unlabeled_pool_is_refused(tmp_path, episodes, needle):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        f'name = "x"\n[dataset]\nname = "omniglot"\nsplits = ["test"]\n[episodes]\n{episodes}\n'
+    )
+    with pytest.raises(ProtocolError, match=needle):
+        load_protocol_file(bad)
+
+
 def test_sampler_is_seeded_per_episode(omniglot_pool):
     data = omniglot_pool.data
     params = semi_params()

@@ -110,6 +110,9 @@ class Protocol:
                 s += f", {p['n_unlabeled']} unlabeled/class"
             if p["n_distractor"]:
                 s += f", {p['n_distractor']} distractor classes"
+            if p.get("unlabeled_pool") == "all":
+                frac = 1 - p["labeled_fraction"]
+                s += f", unlabeled pool: the {frac:.0%} unlabeled part of every class"
             if p.get("query_imbalance"):
                 s += f", queries per class imbalanced (Dirichlet {p['query_imbalance']:g})"
             return f"{ds}: {s}, {p['n_tasks']} tasks/seed"
@@ -287,7 +290,10 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
         return _shape_family(doc, source, name, common)
     if has_ep:
         params = {**EPISODE_DEFAULTS, **_table(doc, "episodes", source)}
-        _check_keys(params, {*EPISODE_DEFAULTS, "query_imbalance"}, "episodes", source)
+        _check_keys(
+            params, {*EPISODE_DEFAULTS, "query_imbalance", "unlabeled_pool"}, "episodes", source
+        )
+        _check_unlabeled_pool(params, source)
         imbalance = params.pop("query_imbalance", 0)
         if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or imbalance < 0:
             raise ProtocolError(
@@ -382,6 +388,29 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
 
 
 #: What ``[shapes]`` may vary, and how a variant's name shows it.
+def _check_unlabeled_pool(params: dict, source: str) -> None:
+    """``unlabeled_pool``: ``"episode"`` (default: ``n_unlabeled`` items per episode class plus
+    ``n_distractor`` distractor classes) or ``"all"`` (every task's pool is the unlabeled part of
+    every class of the split, as in the metric-transfer few-shot protocol). Only ``"all"`` is
+    kept in the parameters, so protocols without the key keep their hash."""
+    pool = params.pop("unlabeled_pool", "episode")
+    if pool == "episode":
+        return
+    if pool != "all":
+        raise ProtocolError(f"{source}: unlabeled_pool must be 'episode' or 'all', got {pool!r}")
+    if not params.get("labeled_fraction", 1.0) < 1.0:
+        raise ProtocolError(
+            f"{source}: unlabeled_pool = 'all' takes the unlabeled part of every class, so it "
+            "needs labeled_fraction < 1 (e.g. 0.4)"
+        )
+    if params.get("n_unlabeled") or params.get("n_distractor"):
+        raise ProtocolError(
+            f"{source}: unlabeled_pool = 'all' gives every task the whole unlabeled part; "
+            "drop n_unlabeled and n_distractor"
+        )
+    params["unlabeled_pool"] = "all"
+
+
 SHAPE_KEYS = ("n_way", "k_shot", "n_query", "pool", "query_imbalance", "max_per_class")
 
 

@@ -33,7 +33,9 @@ class EpisodeSampler:
     With ``labeled_fraction < 1`` each class's items are split once (by ``split_seed``) into a
     labeled part, from which support and query are drawn, and an unlabeled part, from which the
     unlabeled examples of episode and distractor classes are drawn. With ``labeled_fraction == 1``
-    support, query and unlabeled are drawn disjointly from all of a class's items.
+    support, query and unlabeled are drawn disjointly from all of a class's items. With
+    ``unlabeled_pool = "all"`` every task's unlabeled pool is the unlabeled part of every class
+    (in a per-task random order), as in the metric-transfer few-shot protocol.
     """
 
     def __init__(
@@ -156,6 +158,8 @@ class EpisodeSampler:
             for c in distractors:
                 pool = self.labeled[c] if self.unlabeled is None else self.unlabeled[c]
                 unl.append(rng.choice(pool, size=m, replace=False))
+        if p.get("unlabeled_pool") == "all":  # the unlabeled part of every class of the split
+            unl = [self.unlabeled[c] for c in self.classes]
         unlabeled = np.concatenate(unl) if unl else _EMPTY
         if len(unlabeled):
             unlabeled = unlabeled[rng.permutation(len(unlabeled))]
