@@ -222,3 +222,14 @@ def test_plugin_file_and_module_class(proto, shared_data, tmp_path, monkeypatch)
     for w in ("w", "w2"):
         with sqlite3.connect(tmp_path / w / "results.sqlite") as c:
             assert c.execute("SELECT DISTINCT method FROM results").fetchall() == [("mine",)]
+
+
+def test_optional_fit_runs_without_base_classes(proto, shared_data, tmp_path, capsys):
+    """The ``proto`` fixture names no fit_split: base-centred methods (``fit_optional``) then
+    centre on the task's items instead of being refused; a method that must train is refused."""
+    assert run(proto, tmp_path / "w", shared_data, "simpleshot", "bd-cspn") == 0
+    with sqlite3.connect(tmp_path / "w" / "results.sqlite") as c:
+        got = dict(c.execute("SELECT method, COUNT(*) FROM results GROUP BY method").fetchall())
+    assert got == {"simpleshot": 4, "bd-cspn": 4}
+    assert run(proto, tmp_path / "w2", shared_data, "protonet:steps=1") == 2
+    assert "fit_split" in capsys.readouterr().err

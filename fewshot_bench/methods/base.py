@@ -75,6 +75,9 @@ class Method:
     setting: ClassVar[str] = "inductive"
     schema: ClassVar[Schema] = {}
     defaults: ClassVar[dict[str, Any]] = {}
+    #: ``True``: ``fit`` refines the method but is not needed; on a protocol without base classes
+    #: (no ``[dataset] fit_split``) the runner skips it instead of refusing the method.
+    fit_optional: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -183,7 +183,7 @@ def open_method(
 ) -> MethodHandle:
     """Build the method in the executor: trained methods fit once per configuration and code
     (the state is cached by the runner as bytes it never unpickles) or load the cached state."""
-    if not info["trains"]:
+    if not info["trains"] or (info["fit_optional"] and "fit_split" not in protocol.dataset):
         return executor.open(spec, device)
     data = _fit_data(protocol, root)
     path = _state_path(info, run_hash, data.fingerprint())

@@ -137,6 +137,7 @@ def describe(method: Any, cls: type, spec: MethodSpec) -> dict[str, Any]:
         "consumes": cls.consumes,
         "setting": method.setting,
         "trains": bool(method.trains),
+        "fit_optional": bool(getattr(cls, "fit_optional", False)),
         "params": params,
         "changed": {k: v for k, v in params.items() if defaults.get(k, object()) != v},
         "config": config,
