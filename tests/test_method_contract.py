@@ -51,7 +51,7 @@ BAD_VALUES = [
     ("logistic-regression:l2=1e400", "l2=inf", "float >= 0"),
     ("nearest-prototype:normalize=False", "normalize=False", "one of 'l2', 'center-l2', 'none'"),
     ("diffusion:queries_in_graph=maybe", "queries_in_graph='maybe'", "one of 'auto', True, False"),
-    ("diffusion:prior=[0.5,-1]", "prior=[0.5, -1]", "list of float >= 0 or none"),
+    ("diffusion:prior=[0.5,-1]", "prior=[0.5, -1]", "list of float >= 0 or 'auto' or none"),
     ("nn-propagation:use_unlabeled=2", "use_unlabeled=2", "bool"),
     ("protonet:steps=1.5", "steps=1.5", "int >= 0"),
     ("nearest-prototype:bogus=1", "no parameter(s) bogus", "see `fsbench methods"),

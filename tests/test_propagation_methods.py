@@ -261,3 +261,59 @@ def test_queries_no_seed_reaches_get_the_support_vote_not_a_uniform_guess(digits
         uniform_rows += int(((scores.max(1).values - scores.min(1).values) <= 1e-6).sum())
         assert torch.isfinite(scores).all()
     assert uniform_rows == 0
+
+
+def imbalanced_digits_task(x, y, rng, counts: list[int]) -> tuple[Task, np.ndarray]:
+    """A 1-shot task with ``counts[j]`` queries of class ``j`` (queries in the graph)."""
+    classes = rng.choice(10, len(counts), replace=False)
+    s, q, ql = [], [], []
+    for j, (c, n_q) in enumerate(zip(classes, counts, strict=True)):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        s.append(idx[0])
+        q += list(idx[1 : 1 + n_q])
+        ql += [j] * n_q
+    n_way = len(counts)
+    task = Task(
+        torch.from_numpy(x[s]),
+        torch.arange(n_way),
+        torch.zeros(0, x.shape[1]),
+        torch.from_numpy(x[q]),
+        n_way,
+        "features",
+    )
+    return task, np.array(ql)
+
+
+def test_estimated_class_prior_follows_imbalanced_queries(digits) -> None:
+    """Column normalisation with equal class mass (Douze et al.) assumes balanced classes; with
+    prior="auto" the class masses follow the support's vote over the graph's nodes, which tracks
+    the true class sizes, and imbalanced tasks are classified better than with equal masses."""
+    from fewshot_bench.methods.propagation import Diffusion as D
+
+    x, y = digits
+    rng = np.random.default_rng(1)
+    acc: dict[str, list[float]] = {"auto": [], "uniform": []}
+    priors = []
+    for seed in range(20):
+        task, ql = imbalanced_digits_task(x, y, rng, [20, 10, 3, 1, 0])
+        ctx, truth = TaskContext.create(seed), torch.from_numpy(ql)
+        method = D()
+        sup, unl, qry = method_features(method, task, ctx)
+        graph, *_ = method._task_graph(task, ctx)
+        prior = method._class_prior(graph, torch.cat([sup, unl, qry]), task, ctx)
+        assert prior is not None and abs(float(prior.mean()) - 1) < 1e-6
+        priors.append(prior)
+        for key, m in (("auto", method), ("uniform", D(prior=None))):
+            scores = m.predict(task, ctx)
+            assert torch.isfinite(scores).all()
+            acc[key].append((scores.argmax(1) == truth).float().mean().item())
+    mean = {k: float(np.mean(v)) for k, v in acc.items()}
+    assert mean["auto"] > mean["uniform"] + 0.03, mean
+    average = torch.stack(priors).mean(0)  # classes of 21, 11, 4, 2 and 1 nodes
+    assert average[0] > average[1] > average[3] and average[0] > average[4], average
+
+
+def method_features(method, task: Task, ctx: TaskContext):
+    from fewshot_bench.methods.propagation import prepare_task_features
+
+    return prepare_task_features(task, ctx, method.params["normalize"])

@@ -3,7 +3,8 @@
 ``W = D⁻¹ A`` is row-stochastic (see :class:`~fewshot_bench.graph.build.Graph`), ``L_0`` is the
 one-hot seed matrix. The normalisation ``η`` is one of
 
-- ``"col"``: each class column scaled to unit L1 mass (best in the paper);
+- ``"col"``: each class column scaled to unit L1 mass (best in the paper), or to mass
+  ``prior[c]`` (mean 1) when a class prior is given;
 - ``"row"``: each node's row scaled to unit L1 mass (all-zero rows stay zero);
 - ``"sinkhorn"``: Sinkhorn-Knopp, alternating column and row scaling so that rows sum to 1 and
   columns to ``prior * (#reached nodes)``; it ends on the column step so column sums match the
@@ -28,9 +29,15 @@ NORMS = ("col", "row", "sinkhorn", "none")
 _EPS = 1e-30
 
 
-def column_normalize(L: torch.Tensor, n_core: int | None = None) -> torch.Tensor:
-    """Scale each column to unit L1 mass over the first ``n_core`` rows (in place)."""
-    return L.div_(L[:n_core].sum(0, keepdim=True).clamp_min(_EPS))
+def column_normalize(
+    L: torch.Tensor, n_core: int | None = None, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scale each column to unit L1 mass over the first ``n_core`` rows (in place); with
+    ``prior`` (``[C]``, mean 1; tiled over column groups) column ``c`` gets mass ``prior[c]``."""
+    L.div_(L[:n_core].sum(0, keepdim=True).clamp_min(_EPS))
+    if prior is not None:
+        L.mul_(prior.to(L.device, L.dtype).repeat(L.shape[1] // prior.numel()))
+    return L
 
 
 def row_normalize(L: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -85,7 +92,7 @@ def normalize(
     if gamma is not None and gamma != 1:
         L.pow_(gamma)
     if norm == "col":
-        return column_normalize(L, n_core)
+        return column_normalize(L, n_core, prior)
     if norm == "row":
         return row_normalize(L, groups)
     if norm == "sinkhorn":

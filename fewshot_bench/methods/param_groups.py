@@ -73,11 +73,14 @@ DIFFUSION: Schema = grouped(
             open_low=True,
         ),
         "prior": Param(
-            None,
-            "class prior of the Sinkhorn normalisation (none: uniform)",
+            "auto",
+            "class prior of the col / sinkhorn normalisation: auto (estimated per task: the "
+            "support's vote over the graph's nodes), none (uniform, Douze et al.) or a list",
             kind=list,
             item=float,
             low=0,
+            auto=True,
+            optional=True,
         ),
         "sinkhorn_iters": Param(5, "Sinkhorn iterations (norm=sinkhorn)", low=1),
         "class_batch": Param(None, "classes diffused at once (none: all)", kind=int, low=1),

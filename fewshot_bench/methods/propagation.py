@@ -225,28 +225,47 @@ class GraphPropagation(PropagationMethod):
 
     # ------------------------------------------------------------------ diffusion
     def _diffuse_kw(
-        self, n_classes: int, device: torch.device, n_core: int | None = None
+        self, n_classes: int, device: torch.device, n_core: int | None = None, prior: Any = None
     ) -> dict[str, Any]:
         p = self.params
-        prior = p.get("prior")
         return {
             "n_core": n_core,
             "norm": p["norm"],
-            "prior": None
-            if prior is None
-            else torch.as_tensor(prior, dtype=torch.float32, device=device),
+            "prior": prior,
             "sinkhorn_iters": int(p["sinkhorn_iters"]),
             "gamma": p["gamma"],
             "class_batch": p["class_batch"],
         }
 
+    def _class_prior(
+        self, graph: Graph, nodes: torch.Tensor, task: Task, ctx: TaskContext
+    ) -> torch.Tensor | None:
+        """The class prior of the normalisation (``None``: uniform), scaled to mean 1.
+
+        ``prior="auto"`` estimates it per task: the share of the graph's core nodes (``nodes``,
+        in node order) that the support's eq. 5 vote on the features gives each class, plus one
+        per class; balanced episodes get about uniform, imbalanced ones follow their classes."""
+        prior = self.params.get("prior")
+        if prior is None:
+            return None
+        if prior == "auto":
+            labels = task.support_labels.to(ctx.device).long()
+            votes = vote(
+                nodes[: task.n_support], labels, nodes[: graph.n_core], task.n_way, UNREACHED_SIGMA
+            )
+            counts = torch.bincount(votes.argmax(1), minlength=task.n_way).float() + 1.0
+        else:
+            counts = torch.as_tensor(prior, dtype=torch.float32, device=ctx.device)
+        return counts * (task.n_way / counts.sum().clamp_min(1e-12))
+
     def _folds(self, labels: torch.Tensor, ctx: TaskContext) -> list:
         return leave_some_out_folds(labels, int(self.params["n_folds"]), ctx.generator)
 
     def _diffusion_scores(
-        self, graph: Graph, rows: torch.Tensor, task: Task, ctx: TaskContext
+        self, graph: Graph, rows: torch.Tensor, task: Task, ctx: TaskContext, nodes: torch.Tensor
     ) -> torch.Tensor:
-        """Log-probabilities of ``rows`` after diffusing from the support seeds.
+        """Log-probabilities of ``rows`` after diffusing from the support seeds (``nodes``: the
+        graph's node features in node order, for ``prior="auto"``).
 
         ``n_iter="auto"``: validation and the final diffusion share one pass
         (:func:`~fewshot_bench.graph.diffusion.diffuse_select`).
@@ -269,7 +288,8 @@ class GraphPropagation(PropagationMethod):
         W = graph.transition(ctx.device)
         seeds = torch.arange(task.n_support, device=ctx.device)
         labels = task.support_labels.to(ctx.device).long()
-        kw = self._diffuse_kw(task.n_way, W.device, graph.n_core)
+        prior = self._class_prior(graph, nodes, task, ctx)
+        kw = self._diffuse_kw(task.n_way, W.device, graph.n_core, prior)
         kw.pop("class_batch")
         folds = self._folds(labels, ctx) if p["n_iter"] == "auto" else []
         if folds:
@@ -321,7 +341,7 @@ class _DiffusionPropagator(GraphPropagation):
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         graph, sup, unl, _ = self._task_graph(task, ctx, with_queries=False)
         rows = torch.arange(sup.shape[0], sup.shape[0] + unl.shape[0])
-        return self._diffusion_scores(graph, rows, task, ctx)
+        return self._diffusion_scores(graph, rows, task, ctx, torch.cat([sup, unl]))
 
 
 @register_method("diffusion")
@@ -332,8 +352,9 @@ class Diffusion(_DiffusionPropagator):
     (``weight="exp"`` only: edge weight ``exp((s - s_max) / temperature)``, a temperature that
     *divides* the similarity, 0.1), ``normalize``, ``queries_in_graph``, ``graph_cache``) and
     diffusion (``norm`` ∈ col/row/sinkhorn/none, ``n_iter`` int or "auto", ``max_iter``,
-    ``default_iter``, ``n_folds``, ``gamma`` (Γ_r power), ``prior`` (Sinkhorn class prior,
-    uniform if None), ``sinkhorn_iters``, ``class_batch``). Scores: log of the row-normalised
+    ``default_iter``, ``n_folds``, ``gamma`` (Γ_r power), ``prior`` (class prior of the column
+    or Sinkhorn normalisation: uniform if None, a list, or ``auto``: estimated per task by the
+    support's vote on the graph's nodes), ``sinkhorn_iters``, ``class_batch``). Scores: log of the row-normalised
     query mass.
     """
 
@@ -343,7 +364,7 @@ class Diffusion(_DiffusionPropagator):
         graph, sup, unl, qry = self._task_graph(task, ctx)
         n0 = sup.shape[0] + unl.shape[0]
         rows = torch.arange(n0, n0 + qry.shape[0])
-        scores = self._diffusion_scores(graph, rows, task, ctx)
+        scores = self._diffusion_scores(graph, rows, task, ctx, torch.cat([sup, unl, qry]))
         # a query in a component without any seed gets no mass (a uniform row): on small or
         # imbalanced graphs that is common, and a uniform guess is the worst answer; such
         # queries are scored by the support's eq. 5 vote on the features instead
@@ -394,7 +415,8 @@ class DiffusionLogreg(_DiffusionPropagator):
         W = graph.transition(ctx.device)
         seeds = torch.arange(sup.shape[0], device=ctx.device)
         labels = task.support_labels.to(ctx.device).long()
-        kw = self._diffuse_kw(task.n_way, W.device, graph.n_core)
+        prior = self._class_prior(graph, torch.cat([sup, unl, qry]), task, ctx)
+        kw = self._diffuse_kw(task.n_way, W.device, graph.n_core, prior)
         grid = torch.linspace(0, 1, 11).tolist() if p["mix"] == "auto" else [float(p["mix"])]
         fixed_t = None if p["n_iter"] == "auto" else int(p["n_iter"])
         folds = self._folds(labels, ctx) if (len(grid) > 1 or fixed_t is None) else []
