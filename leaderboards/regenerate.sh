@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate one published leaderboard from scratch: bash leaderboards/regenerate.sh BOARD
-#   BOARD = omniglot | omniglot-semi | omniglot-shapes | fashion-mnist-ssl | fashion-mnist-ssl-trained | all
+#   BOARD = omniglot | omniglot-semi | omniglot-shapes | omniglot-metric-transfer | fashion-mnist-ssl | fashion-mnist-ssl-trained | all
 # These are the commands that produced the committed tables (CPU, OMP_NUM_THREADS=1, one
 # command per core). Results go to runs/ (resumable: rerunning skips stored tasks), backbones
 # to checkpoints/, pages to leaderboards/. Needs FSBENCH_DATA (../shared/data on the project's
@@ -70,20 +70,36 @@ fashion_mnist_ssl_trained() {  # image-trained networks, 84 trainings (~2 h)
   fsbench leaderboard fashion-mnist-ssl $W
 }
 
-omniglot_shapes() {  # 40 episode shapes, 600 episodes each; the graph methods with k=auto and k=10
+PEERS=(-m simpleshot -m bd-cspn -m laplacianshot -m tim -m pt-map -m tpn -m ilpc)
+
+omniglot_shapes() {  # 40 episode shapes, 600 episodes each; graph methods, their published-default
+  # form (k=10, equal class masses, no support check) and the transductive peers, all paired
   ce_backbone
+  local ck="checkpoint:$CK/conv4-ce-omniglot-bg.pt"
   fsbench run omniglot-shapes -m nearest-prototype -m diffusion -m spectral-propagation \
-    -m diffusion:k=10 -m spectral-propagation:k=10 --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" \
-    --workdir runs-shapes
+    -m diffusion:k=10,prior=none,support_check=false -m spectral-propagation:k=10,support_check=false \
+    --backbone "$ck" --workdir runs-shapes
+  fsbench run omniglot-shapes "${PEERS[@]}" --backbone "$ck" --workdir runs-shapes
   fsbench leaderboard omniglot-shapes --workdir runs-shapes --out leaderboards/omniglot-shapes
+}
+
+omniglot_metric_transfer() {  # every episode's pool: the unlabeled 60% of all 1692 test classes
+  ce_backbone
+  # spectral-propagation (~6 s per task on this pool) and the dense-graph tpn / ilpc (refused
+  # beyond 5000 items) are left out; the other peers ignore the pool
+  fsbench run omniglot-metric-transfer -m nearest-prototype -m nn-propagation -m diffusion \
+    -m simpleshot -m bd-cspn -m laplacianshot -m tim -m pt-map \
+    --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" --workdir runs-mt
+  fsbench leaderboard omniglot-metric-transfer --workdir runs-mt --out leaderboards/omniglot-metric-transfer
 }
 
 case "${1:-}" in
   omniglot) omniglot ;;
   omniglot-semi) omniglot_semi ;;
   omniglot-shapes) omniglot_shapes ;;
+  omniglot-metric-transfer) omniglot_metric_transfer ;;
   fashion-mnist-ssl) fashion_mnist_ssl ;;
   fashion-mnist-ssl-trained) fashion_mnist_ssl_trained ;;
-  all) omniglot; omniglot_semi; omniglot_shapes; fashion_mnist_ssl; fashion_mnist_ssl_trained; fsbench leaderboard --all $W ;;
-  *) echo "usage: bash leaderboards/regenerate.sh omniglot|omniglot-semi|omniglot-shapes|fashion-mnist-ssl|fashion-mnist-ssl-trained|all" >&2; exit 2 ;;
+  all) omniglot; omniglot_semi; omniglot_shapes; omniglot_metric_transfer; fashion_mnist_ssl; fashion_mnist_ssl_trained; fsbench leaderboard --all $W ;;
+  *) echo "usage: bash leaderboards/regenerate.sh omniglot|omniglot-semi|omniglot-shapes|omniglot-metric-transfer|fashion-mnist-ssl|fashion-mnist-ssl-trained|all" >&2; exit 2 ;;
 esac

@@ -210,3 +210,24 @@ def test_beats_nearest_prototype_on_digits(digits):
     )
     proto = np.mean([(prototype_scores(t).argmax(1).numpy() == ql).mean() for t, ql in eps])
     assert acc > proto + 0.04, (acc, proto)
+
+
+@pytest.mark.parametrize("name", ["tpn", "ilpc"])
+def test_pools_too_large_for_a_dense_graph_are_refused(name: str) -> None:
+    """A pool of every class's unlabeled items (20k on Omniglot) would need gigabytes and hours
+    per task as a dense graph: refused with the limit and the alternatives named."""
+    from fewshot_bench.errors import ProtocolError
+    from fewshot_bench.methods import available_methods
+    from fewshot_bench.methods.tpn import DENSE_MAX_NODES
+
+    g = torch.Generator().manual_seed(0)
+    task = Task(
+        torch.rand(5, 8, generator=g),
+        torch.arange(5),
+        torch.rand(DENSE_MAX_NODES, 8, generator=g),
+        torch.rand(5, 8, generator=g),
+        5,
+        "features",
+    )
+    with pytest.raises(ProtocolError, match="dense .* graph.*diffusion"):
+        available_methods()[name]().predict(task, TaskContext.create(0))

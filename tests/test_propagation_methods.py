@@ -317,3 +317,26 @@ def method_features(method, task: Task, ctx: TaskContext):
     from fewshot_bench.methods.propagation import prepare_task_features
 
     return prepare_task_features(task, ctx, method.params["normalize"])
+
+
+def test_diffusion_support_check_falls_back_to_the_feature_vote(digits) -> None:
+    """With >= 2 shots, diffusion keeps its answer only when it beats the feature vote on the
+    held-out support items of its n_iter folds; otherwise the queries get the feature vote."""
+    x, y = digits
+    seen = set()
+    for seed in range(8):
+        task, _ = digits_task(x, y, seed, shot=3, n_unl=10, n_q=5)
+        ctx = TaskContext.create(seed)
+        checked = Diffusion()
+        scores = checked.predict(task, ctx)
+        seen.add(checked.last_choice)
+        if checked.last_choice == "features":
+            sup, _, qry = method_features(checked, task, ctx)
+            from fewshot_bench.graph.spectral import vote
+
+            expected = vote(sup, task.support_labels.long(), qry, 5, 20.0)
+            assert torch.equal(scores.argmax(1), expected.argmax(1))
+        unchecked = Diffusion(support_check=False)
+        unchecked.predict(task, TaskContext.create(seed))
+        assert unchecked.last_choice == "diffusion"
+    assert seen <= {"features", "diffusion"} and seen

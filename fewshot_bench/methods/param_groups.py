@@ -52,6 +52,11 @@ GRAPH: Schema = grouped(
             choices=("auto", True, False),
         ),
         "graph_cache": Param(True, "cache kNN graphs of large unlabeled pools on disk"),
+        "support_check": Param(
+            True,
+            "with >= 2 shots per class, keep the graph's answer (diffusion, spectral) only if it "
+            "beats the support's feature vote on held-out support items; else the feature vote",
+        ),
     },
 )
 
@@ -115,11 +120,6 @@ SPECTRAL: Schema = grouped(
         ),
         "tol": Param(1e-3, "eigen-residual tolerance", low=0, open_low=True),
         "solver": Param("auto", "eigensolver", choices=SOLVERS),
-        "support_check": Param(
-            True,
-            "with >= 2 shots per class, keep the spectral vote only if it beats the feature "
-            "vote on held-out support items (5 folds, one item per class held out)",
-        ),
     },
 )
 

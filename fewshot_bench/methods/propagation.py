@@ -121,13 +121,27 @@ def graph_k(k: int | str, n_core: int, n_way: int) -> int:
     return max(1, min(K_AUTO_MAX, per_class // 2))
 
 
-#: Support folds of spectral-propagation's ``support_check``.
+#: Support folds of spectral-propagation's ``support_check`` (diffusion uses its ``n_folds``).
 CHECK_FOLDS = 5
 
 #: Graphs with fewer core nodes per class than this carry no kNN structure to propagate along
 #: (a 1-shot task with one query per class has 2): the graph methods score the queries by the
 #: support's eq. 5 vote on the features instead (:meth:`GraphPropagation.too_small`).
 MIN_NODES_PER_CLASS = 3
+
+
+def feature_vote_accuracy(
+    x: torch.Tensor, labels: torch.Tensor, folds: list, sigma: float = UNREACHED_SIGMA
+) -> float:
+    """Accuracy of the eq. 5 vote on rows ``x`` of the support, each fold's held-out items voted
+    for by its training items (all folds pooled)."""
+    n_way, hits, total = int(labels.max()) + 1, 0, 0
+    for fold in folds:
+        tr, ho = fold.train.to(labels.device), fold.held_out.to(labels.device)
+        votes = vote(x[tr], labels[tr], x[ho], n_way, sigma)
+        hits += int((votes.argmax(1) == labels[ho]).sum())
+        total += int(ho.numel())
+    return hits / max(total, 1)
 
 
 class PropagationMethod(Method):
@@ -293,7 +307,7 @@ class GraphPropagation(PropagationMethod):
         kw.pop("class_batch")
         folds = self._folds(labels, ctx) if p["n_iter"] == "auto" else []
         if folds:
-            n_iter, _, L = diffuse_select(
+            n_iter, held_out_acc, L = diffuse_select(
                 W,
                 seeds,
                 labels,
@@ -304,6 +318,14 @@ class GraphPropagation(PropagationMethod):
                 rows=rows.to(ctx.device),
                 **kw,
             )
+            self.last_choice = "diffusion"
+            sup = nodes[: task.n_support]
+            if p.get("support_check") and feature_vote_accuracy(sup, labels, folds) >= float(
+                held_out_acc[n_iter - 1]
+            ):
+                self.last_n_iter, self.last_choice = n_iter, "features"
+                votes = vote(sup, labels, nodes[rows.to(nodes.device)], task.n_way, UNREACHED_SIGMA)
+                return votes.log_softmax(1)
         else:
             n_iter = int(p["default_iter"] if p["n_iter"] == "auto" else p["n_iter"])
             L = diffuse(
@@ -490,20 +512,14 @@ class SpectralPropagation(GraphPropagation):
         self, emb: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, ctx: TaskContext
     ) -> bool:
         """Whether the spectral vote classifies held-out support items (still graph nodes) more
-        accurately than the feature vote, summed over :data:`CHECK_FOLDS` folds. A tie keeps the
+        accurately than the feature vote, over :data:`CHECK_FOLDS` folds. A tie keeps the
         feature vote (the simpler model); a task with a 1-shot class has no folds and keeps the
         spectral vote."""
         folds = leave_some_out_folds(labels, CHECK_FOLDS, ctx.generator)
         if not folds:
             return True
-        n_way, wins = int(labels.max()) + 1, 0
-        for fold in folds:
-            tr, ho = fold.train.to(labels.device), fold.held_out.to(labels.device)
-            graph_votes = vote(emb[tr], labels[tr], emb[ho], n_way, self._sigma())
-            feat_votes = vote(feats[tr], labels[tr], feats[ho], n_way, UNREACHED_SIGMA)
-            wins += int((graph_votes.argmax(1) == labels[ho]).sum())
-            wins -= int((feat_votes.argmax(1) == labels[ho]).sum())
-        return wins > 0
+        graph_acc = feature_vote_accuracy(emb, labels, folds, self._sigma())
+        return graph_acc > feature_vote_accuracy(feats, labels, folds)
 
     def propagate_unlabeled(self, task: Task, ctx: TaskContext) -> torch.Tensor:
         graph, sup, unl, _ = self._task_graph(task, ctx, with_queries=False)

@@ -53,6 +53,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fewshot_bench.errors import ProtocolError
 from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES, few_threads
 from fewshot_bench.methods.base import Method, TaskContext
 from fewshot_bench.methods.param_groups import NORMALIZE
@@ -162,6 +163,13 @@ def predict_grouped(
         groups.setdefault(key, []).append(i)
     for (_, n_u, n_q, _, device), idx in groups.items():
         n = tasks[idx[0]].n_support + int(n_u) + int(n_q)
+        if n > DENSE_MAX_NODES:
+            raise ProtocolError(
+                f"this method builds a dense {n} x {n} graph per task (support + unlabeled pool "
+                f"+ queries), beyond its limit of {DENSE_MAX_NODES} items: use a protocol with a "
+                "smaller pool, or a sparse graph method (diffusion, nn-propagation) for pools "
+                "this large"
+            )
         chunk = max(1, CHUNK_ENTRIES // (n * n))
         with few_threads(device.type == "cpu" and n <= SMALL_PROBLEM_NODES):
             for s in range(0, len(idx), chunk):
@@ -170,6 +178,12 @@ def predict_grouped(
                 for i, score in zip(part, scores, strict=True):
                     out[i] = score
     return out  # type: ignore[return-value]
+
+
+#: Largest task (support + pool + queries) the dense-graph methods take: a dense float64 graph
+#: of 5000 items is 200 MB and its solve O(n³); a pool of every class's unlabeled items (20k)
+#: would take gigabytes and hours per task.
+DENSE_MAX_NODES = 5000
 
 
 @register_method("tpn")
