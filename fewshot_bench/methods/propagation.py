@@ -30,7 +30,14 @@ Validation (``n_iter="auto"``, ``mix="auto"``): leave-some-out over the support 
 held-out seeds (still graph nodes, now unlabeled); ties go to the defaults. It needs ≥ 2 shots
 in every class; otherwise the defaults (``default_iter`` = 3, ``default_mix`` = 0.5) are used.
 ``diffusion`` runs the folds and the final diffusion as column groups of one pass
-(``class_batch`` then only applies when the widened matrix would not fit 1 GiB).
+(``class_batch`` then only applies when the widened matrix would not fit 1 GiB). With
+``support_check`` (default) the same folds decide whether the graph is worth it: diffusion and
+spectral-propagation keep their answer only when it classifies the held-out seeds better than
+the support's eq. 5 vote on the features does; otherwise the queries get that vote.
+
+Class masses (``diffusion``, ``prior="auto"``, default): the column normalisation gives each
+class the share of the graph's nodes that the support's feature vote assigns it (plus one node),
+not equal shares, which assumed balanced classes (``prior=none``: Douze et al.'s equal masses).
 
 Defaults: ``k = "auto"`` neighbours, ``min(10, core nodes per class // 2)`` (:func:`graph_k`: 10
 on large pools and shapes with 20 or more nodes per class, fewer on small episode graphs, where
