@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,3 +119,11 @@ def shared_data() -> Path:
         return provision_data(tuple(TEST_DATASETS), data_candidates(), data_cache_dir())
     except DataUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, float32 features and labels (``load_digits_features``)."""
+    from digits_episodes import load_digits_features
+
+    return load_digits_features()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from digits_episodes import digits_episode
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 
 from fewshot_bench.methods import TaskContext, available_methods
@@ -45,36 +45,14 @@ def builtin_feature_methods() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-def episode(
-    x: np.ndarray, y: np.ndarray, seed: int, way: int, shot: int, n_query: int, n_unl: int
-) -> Task:
-    rng = np.random.default_rng(seed)
-    s, sl, u, q = [], [], [], []
-    for j, c in enumerate(rng.choice(10, way, replace=False)):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        s += list(idx[:shot])
-        sl += [j] * shot
-        q += list(idx[shot : shot + n_query])
-        u += list(idx[shot + n_query : shot + n_query + n_unl])
-    return Task(
-        torch.from_numpy(x[s]),
-        torch.tensor(sl),
-        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
-        torch.from_numpy(x[q]),
-        way,
-        "features",
-    )
-
-
-@pytest.fixture(scope="module")
 def tasks(digits) -> list[Task]:
     x, y = digits
-    return [episode(x, y, 100 + i, *SHAPES[i % len(SHAPES)]) for i in range(N_TASKS)]
+    episodes = []
+    for i in range(N_TASKS):
+        way, shot, queries, n_unl = SHAPES[i % len(SHAPES)]
+        task, _ = digits_episode(x, y, 100 + i, way=way, shot=shot, queries=queries, n_unl=n_unl)
+        episodes.append(task)
+    return episodes
 
 
 def run(method, tasks: list[Task], order, batch_size: int) -> list[torch.Tensor]:
@@ -131,7 +109,7 @@ def test_logistic_regression_is_the_l2_optimum(digits, way, shot):
     primal ``mean CE + l2 ||W||²`` in the full feature space, and ``predict`` scores with it."""
     x, y = digits
     l2 = 1e-3
-    task = episode(x, y, 7, way, shot, 5, 0)
+    task, _ = digits_episode(x, y, 7, way=way, shot=shot, queries=5)
     sup = F.normalize(task.support.double(), dim=1)
     labels = task.support_labels
     z, _ = span_coordinates(sup[None])

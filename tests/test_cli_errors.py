@@ -283,7 +283,9 @@ def _hold_lock(store: Path, seconds: float) -> threading.Thread:
 def test_run_waits_for_a_lock(proto, stored, shared_data, tmp_path, capsys, monkeypatch):
     wd = copy_of(stored, tmp_path)
     monkeypatch.setenv("FSBENCH_LOCK_PATIENCE", "60")
-    holder = _hold_lock(wd / "results.sqlite", 3.0)
+    # held long enough that the run reaches its write while the lock is still held even on a
+    # loaded machine (starting the worker and computing the batch take a few seconds there)
+    holder = _hold_lock(wd / "results.sqlite", 12.0)
     assert main(run_args(proto, wd, shared_data)) == 0
     holder.join()
     out, err = capsys.readouterr()

@@ -7,10 +7,8 @@ Real data: episodes of scikit-learn's digits (64-dim features)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from digits_episodes import digits_episode, prototype_scores
 
 from fewshot_bench.graph.diffusion import sinkhorn
 from fewshot_bench.methods import FitSource, TaskContext, available_methods
@@ -23,56 +21,6 @@ from fewshot_bench.methods.ilpc import (
     sinkhorn_batched,
 )
 from fewshot_bench.tasks.task import Task
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-def episode(
-    x: np.ndarray,
-    y: np.ndarray,
-    seed: int,
-    way: int = 5,
-    shot: int = 1,
-    n_q: int = 15,
-    n_unl: int = 0,
-    distractors: int = 0,
-    query_counts: list[int] | None = None,
-) -> tuple[Task, np.ndarray]:
-    """A digits episode: ``way`` classes, pool of ``n_unl`` per class (plus ``distractors``
-    classes of ``n_unl`` items each), ``n_q`` queries per class or ``query_counts``."""
-    rng = np.random.default_rng(seed)
-    classes = rng.choice(10, way + distractors, replace=False)
-    counts = query_counts if query_counts is not None else [n_q] * way
-    s, sl, u, q, ql = [], [], [], [], []
-    for j, c in enumerate(classes):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        if j < way:
-            s += list(idx[:shot])
-            sl += [j] * shot
-            q += list(idx[shot : shot + counts[j]])
-            ql += [j] * counts[j]
-            u += list(idx[shot + counts[j] : shot + counts[j] + n_unl])
-        else:
-            u += list(idx[:n_unl])
-    task = Task(
-        torch.from_numpy(x[s]),
-        torch.tensor(sl),
-        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
-        torch.from_numpy(x[q]),
-        way,
-        "features",
-    )
-    return task, np.array(ql)
-
-
-def prototype_scores(task: Task) -> torch.Tensor:
-    sup, qry = F.normalize(task.support, dim=1), F.normalize(task.query, dim=1)
-    protos = torch.stack([sup[task.support_labels == c].mean(0) for c in range(task.n_way)])
-    return -torch.cdist(qry, protos)
 
 
 def test_registered_with_the_paper_defaults():
@@ -90,7 +38,7 @@ def test_cleaning_keeps_mostly_correct_pseudo_labels(digits):
     feats, targets, truth, cand = [], [], [], []
     rng = np.random.default_rng(0)
     for seed in range(30):
-        task, ql = episode(x, y, seed, shot=1, n_q=20)
+        task, ql = digits_episode(x, y, seed, shot=1, queries=20)
         noisy = ql.copy()
         flip = rng.random(len(ql)) < 0.35
         noisy[flip] = (ql[flip] + rng.integers(1, 5, int(flip.sum()))) % 5
@@ -122,7 +70,9 @@ def test_select_cleanest_takes_the_lowest_losses_per_class():
 
 def test_labeled_set_grows_monotonically_until_every_query_is_labeled(digits):
     x, y = digits
-    tasks = [episode(x, y, s, shot=1, n_q=6, n_unl=4, distractors=2)[0] for s in range(4)]
+    tasks = [
+        digits_episode(x, y, s, shot=1, queries=6, n_unl=4, distractors=2)[0] for s in range(4)
+    ]
     method = ILPC(centre="task")
     xs = torch.stack([method.prepared(t, torch.device("cpu")) for t in tasks])
     labels = torch.stack([t.support_labels for t in tasks])
@@ -142,7 +92,7 @@ def test_labeled_set_grows_monotonically_until_every_query_is_labeled(digits):
 
 def test_max_rounds_labels_the_rest_at_once(digits):
     x, y = digits
-    task, _ = episode(x, y, 0, shot=1, n_q=15)
+    task, _ = digits_episode(x, y, 0, shot=1, queries=15)
     scores = ILPC(max_rounds=1).predict(task, TaskContext.create(0))
     assert scores.shape == (75, 5) and torch.isfinite(scores).all()
 
@@ -170,7 +120,7 @@ def test_base_centring_uses_the_power_transformed_base_mean(digits):
     torch.testing.assert_close(
         method.base_mean, power_transform(base, 0.5).double().mean(0).float()
     )
-    task, ql = episode(x, y, 1, shot=1)
+    task, ql = digits_episode(x, y, 1, shot=1)
     prepared = method.prepared(task, torch.device("cpu"))
     assert torch.allclose(prepared.norm(dim=1), torch.ones(len(prepared)))
     for centre in ("base", "task", "none"):
@@ -181,11 +131,12 @@ def test_base_centring_uses_the_power_transformed_base_mean(digits):
 def test_awkward_shapes_give_finite_scores(digits):
     x, y = digits
     cases = [
-        episode(x, y, 0, way=10, shot=1, n_q=1),  # 10-way 1-shot, one query per class
-        episode(x, y, 1, way=5, shot=1, query_counts=[1, 0, 0, 0, 0]),  # one query in all
-        episode(x, y, 2, way=5, shot=5, query_counts=[15, 0, 0, 0, 0]),  # one class only
-        episode(x, y, 3, way=5, shot=1, n_q=5, n_unl=5, distractors=3),  # pool + distractors
-        episode(x, y, 4, way=5, shot=1, query_counts=[7, 0, 3, 1, 4]),  # imbalanced
+        digits_episode(x, y, 0, way=10, shot=1, queries=1),  # 10-way 1-shot, one query per class
+        digits_episode(x, y, 1, way=5, shot=1, queries=[1, 0, 0, 0, 0]),  # one query in all
+        digits_episode(x, y, 2, way=5, shot=5, queries=[15, 0, 0, 0, 0]),  # one class only
+        # pool + distractors
+        digits_episode(x, y, 3, way=5, shot=1, queries=5, n_unl=5, distractors=3),
+        digits_episode(x, y, 4, way=5, shot=1, queries=[7, 0, 3, 1, 4]),  # imbalanced
     ]
     for method in (ILPC(), ILPC(sinkhorn=False)):
         for task, _ in cases:
@@ -200,7 +151,7 @@ def test_awkward_shapes_give_finite_scores(digits):
 
 def test_deterministic(digits):
     x, y = digits
-    task, _ = episode(x, y, 5, n_unl=4, distractors=2)
+    task, _ = digits_episode(x, y, 5, n_unl=4, distractors=2)
     a = ILPC().predict(task, TaskContext.create(11))
     b = ILPC().predict(task, TaskContext.create(11))
     assert torch.equal(a, b)
@@ -210,7 +161,7 @@ def test_beats_nearest_prototype_on_digits(digits):
     """100 5-way 1-shot episodes, 15 queries per class (balanced, as the paper's): measured 86%
     against 73% for nearest-prototype."""
     x, y = digits
-    eps = [episode(x, y, 1000 + i) for i in range(100)]
+    eps = [digits_episode(x, y, 1000 + i) for i in range(100)]
     scores = ILPC().predict_batch([t for t, _ in eps], [TaskContext.create(i) for i in range(100)])
     acc = np.mean(
         [(s.argmax(1).numpy() == ql).mean() for s, (_, ql) in zip(scores, eps, strict=True)]

@@ -9,49 +9,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from digits_episodes import digits_episode, load_digits_features
 
 from fewshot_bench.methods import FitSource, TaskContext, get_method
 from fewshot_bench.methods.feature_prep import centred_l2
 from fewshot_bench.methods.laplacianshot import bound_optimise, knn_affinity, laplacian_energy
 from fewshot_bench.methods.simpleshot import rectify
-from fewshot_bench.tasks.task import Task
 
 
 @pytest.fixture(scope="module")
 def digits() -> dict:
-    x, y = load_digits(return_X_y=True)
-    x = x.astype(np.float32)
+    """The digits split once (overrides conftest's ``digits``): ``x``, ``y`` the episode pool,
+    ``base`` the 600 base items."""
+    x, y = load_digits_features()
     perm = np.random.default_rng(0).permutation(len(y))
     base, pool = perm[:600], perm[600:]
     source = FitSource(torch.from_numpy(x[base]), y[base], "features", [str(c) for c in range(10)])
     return {"x": x[pool], "y": y[pool], "base": source}
-
-
-def digits_task(
-    d: dict, seed: int, way: int = 5, shot: int = 1, queries: int | list[int] = 15, n_unl: int = 0
-) -> tuple[Task, np.ndarray]:
-    """An episode of ``way`` digit classes; ``queries``: per class, or a list of counts."""
-    x, y = d["x"], d["y"]
-    rng = np.random.default_rng(seed)
-    counts = [queries] * way if isinstance(queries, int) else list(queries)
-    s, sl, u, q, ql = [], [], [], [], []
-    for j, c in enumerate(rng.choice(10, way, replace=False)):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        s += list(idx[:shot])
-        sl += [j] * shot
-        q += list(idx[shot : shot + counts[j]])
-        ql += [j] * counts[j]
-        u += list(idx[shot + counts[j] : shot + counts[j] + n_unl])
-    task = Task(
-        torch.from_numpy(x[s]),
-        torch.tensor(sl),
-        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
-        torch.from_numpy(x[q]).reshape(len(q), x.shape[1]),
-        way,
-        "features",
-    )
-    return task, np.array(ql, dtype=np.int64)
 
 
 def fitted(d: dict, name: str = "laplacianshot", **params):
@@ -79,8 +53,9 @@ def test_objective_never_increases_along_the_bound_updates(digits):
     """Defining property: E(Y) (relaxed objective with entropy barrier) does not increase across
     the bound iterations, on real episodes with the default λ and with a λ large enough that a
     plain step would overshoot on the indefinite kNN affinity."""
-    tasks = [digits_task(digits, i, shot=1 + i % 2)[0] for i in range(12)]
-    tasks += [digits_task(digits, 50, way=10, queries=3)[0]]
+    x, y = digits["x"], digits["y"]
+    tasks = [digits_episode(x, y, i, shot=1 + i % 2)[0] for i in range(12)]
+    tasks += [digits_episode(x, y, 50, way=10, queries=3)[0]]
     ctxs = [TaskContext.create(i) for i in range(len(tasks))]
     for lam in (0.5, 1.0, 4.0):
         method = fitted(digits, lam=lam, max_iter=60, tol=1e-9)
@@ -94,7 +69,7 @@ def test_objective_never_increases_along_the_bound_updates(digits):
 
 def test_energy_trace_matches_the_definition_and_the_fixed_point(digits):
     method = fitted(digits)
-    task, _ = digits_task(digits, 7, queries=[4, 6, 0, 2, 3])
+    task, _ = digits_episode(digits["x"], digits["y"], 7, queries=[4, 6, 0, 2, 3])
     sup = centred_l2(task.support, method.base_mean).double()[None]
     qry = centred_l2(task.query, method.base_mean).double()[None]
     qry, protos = rectify(sup, task.support_labels[None], qry, 5, method.params)
@@ -128,14 +103,15 @@ def test_knn_affinity_edge_cases():
 
 
 def test_awkward_shapes_give_finite_scores(digits):
+    x, y = digits["x"], digits["y"]
     method = fitted(digits)
     tasks = [
-        digits_task(digits, 1, way=10, queries=1)[0],  # 10-way, one query per class
-        digits_task(digits, 2, queries=[1, 0, 0, 0, 0])[0],  # one query in all: no neighbours
-        digits_task(digits, 3, queries=[0, 0, 12, 0, 0])[0],  # all queries of one class
-        digits_task(digits, 4, queries=[2, 0, 0, 1, 0])[0],  # Q = 3 < knn + 1 and < n_way
-        digits_task(digits, 5, way=3, queries=2, n_unl=4)[0],  # with an unlabeled pool
-        digits_task(digits, 6, shot=5, queries=[2, 1, 0, 9, 4])[0],
+        digits_episode(x, y, 1, way=10, queries=1)[0],  # 10-way, one query per class
+        digits_episode(x, y, 2, queries=[1, 0, 0, 0, 0])[0],  # one query in all: no neighbours
+        digits_episode(x, y, 3, queries=[0, 0, 12, 0, 0])[0],  # all queries of one class
+        digits_episode(x, y, 4, queries=[2, 0, 0, 1, 0])[0],  # Q = 3 < knn + 1 and < n_way
+        digits_episode(x, y, 5, way=3, queries=2, n_unl=4)[0],  # with an unlabeled pool
+        digits_episode(x, y, 6, shot=5, queries=[2, 1, 0, 9, 4])[0],
     ]
     ctxs = [TaskContext.create(i) for i in range(len(tasks))]
     for params in ({}, {"knn": 50}, {"cross_class": False, "intra_class": False}, {"lam": 0.0}):
@@ -149,19 +125,21 @@ def test_awkward_shapes_give_finite_scores(digits):
 
 
 def test_deterministic_and_batch_independent(digits):
-    tasks = [digits_task(digits, i)[0] for i in range(6)]
+    x, y = digits["x"], digits["y"]
+    tasks = [digits_episode(x, y, i)[0] for i in range(6)]
     ctxs = [TaskContext.create(i) for i in range(6)]
     a = fitted(digits).predict_batch(tasks, ctxs)
     b = fitted(digits).predict_batch(tasks, ctxs)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y)
+    for first, second in zip(a, b, strict=True):
+        assert torch.equal(first, second)
     torch.testing.assert_close(fitted(digits).predict(tasks[4], ctxs[4]), a[4])
 
 
 def test_accuracy_on_digits_episodes(digits):
     """100 5-way 1-shot episodes, 15 queries per class: LaplacianShot beats SimpleShot, and the
     Laplacian term adds to the rectified prototypes alone (λ = 0), as the paper reports."""
-    tasks = [digits_task(digits, 1000 + i) for i in range(100)]
+    x, y = digits["x"], digits["y"]
+    tasks = [digits_episode(x, y, 1000 + i) for i in range(100)]
     simple = accuracy(fitted(digits, "simpleshot"), tasks)
     proto = accuracy(get_method("nearest-prototype")(), tasks)
     lshot = accuracy(fitted(digits), tasks)

@@ -3,58 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
-from sklearn.datasets import load_digits
+from digits_episodes import digits_episode
 
 import fewshot_bench.methods.pt_map as pt_map
 from fewshot_bench.methods import available_methods
 from fewshot_bench.methods.base import TaskContext
 from fewshot_bench.methods.pt_map import PTMap, sinkhorn
-from fewshot_bench.tasks.task import Task
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-def episode(
-    x: np.ndarray,
-    y: np.ndarray,
-    seed: int,
-    way: int = 5,
-    shot: int = 1,
-    queries: list[int] | int = 15,
-    n_unl: int = 0,
-    distractors: int = 0,
-) -> tuple[Task, np.ndarray]:
-    """A digits episode: ``queries`` per class (a list: per class, may hold zeros), ``n_unl``
-    unlabeled items per class plus ``n_unl`` of each of ``distractors`` other classes."""
-    rng = np.random.default_rng(seed)
-    per_class = [queries] * way if isinstance(queries, int) else list(queries)
-    classes = rng.choice(10, way + distractors, replace=False)
-    s, sl, u, q, ql = [], [], [], [], []
-    for j, c in enumerate(classes):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        if j < way:
-            s += list(idx[:shot])
-            sl += [j] * shot
-            q += list(idx[shot : shot + per_class[j]])
-            ql += [j] * per_class[j]
-            u += list(idx[shot + per_class[j] : shot + per_class[j] + n_unl])
-        else:
-            u += list(idx[:n_unl])
-    task = Task(
-        torch.from_numpy(x[s]),
-        torch.tensor(sl),
-        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
-        torch.from_numpy(x[q]).reshape(len(q), x.shape[1]),
-        way,
-        "features",
-    )
-    return task, np.array(ql)
 
 
 def dirichlet_counts(seed: int, way: int, total: int) -> list[int]:
@@ -89,11 +44,11 @@ def test_every_sinkhorn_mapping_has_the_uniform_marginals(digits, monkeypatch):
 
     monkeypatch.setattr(pt_map, "sinkhorn", recording)
     tasks = [
-        episode(x, y, 1)[0],
-        episode(x, y, 2, shot=5, queries=dirichlet_counts(2, 5, 75))[0],
-        episode(x, y, 3, way=10, queries=dirichlet_counts(3, 10, 10))[0],
-        episode(x, y, 4, way=10, queries=[0, 0, 2, 0, 1, 0, 0, 0, 0, 1])[0],  # Q = 4 < n_way
-        episode(x, y, 5, queries=[0, 9, 0, 0, 0])[0],  # all queries from one class
+        digits_episode(x, y, 1)[0],
+        digits_episode(x, y, 2, shot=5, queries=dirichlet_counts(2, 5, 75))[0],
+        digits_episode(x, y, 3, way=10, queries=dirichlet_counts(3, 10, 10))[0],
+        digits_episode(x, y, 4, way=10, queries=[0, 0, 2, 0, 1, 0, 0, 0, 0, 1])[0],  # Q = 4 < n_way
+        digits_episode(x, y, 5, queries=[0, 9, 0, 0, 0])[0],  # all queries from one class
     ]
     PTMap().predict_batch(tasks, [TaskContext.create(i) for i in range(len(tasks))])
     assert len(calls) == 21 * len(tasks)  # each shape is a group of its own
@@ -153,11 +108,11 @@ def test_sinkhorn_without_underflow():
 def test_awkward_shapes_give_finite_scores(digits):
     x, y = digits
     cases = [
-        episode(x, y, 1, way=10, shot=1, queries=1)[0],  # 10-way 1-shot, 1 query per class
-        episode(x, y, 2, way=5, shot=1, queries=[0, 0, 1, 0, 0])[0],  # one query in all
-        episode(x, y, 3, way=5, shot=5, queries=[0, 12, 0, 0, 0])[0],  # all from one class
-        episode(x, y, 4, way=5, shot=1, queries=[3, 0, 7, 1, 0], n_unl=5, distractors=3)[0],
-        episode(x, y, 5, way=5, shot=1, queries=0)[0],  # no query at all
+        digits_episode(x, y, 1, way=10, shot=1, queries=1)[0],  # 10-way 1-shot, 1 query per class
+        digits_episode(x, y, 2, way=5, shot=1, queries=[0, 0, 1, 0, 0])[0],  # one query in all
+        digits_episode(x, y, 3, way=5, shot=5, queries=[0, 12, 0, 0, 0])[0],  # all from one class
+        digits_episode(x, y, 4, way=5, shot=1, queries=[3, 0, 7, 1, 0], n_unl=5, distractors=3)[0],
+        digits_episode(x, y, 5, way=5, shot=1, queries=0)[0],  # no query at all
     ]
     for method in (PTMap(), PTMap(centring="joint"), PTMap(lam=1e4), PTMap(qr_reduction=False)):
         scores = method.predict_batch(cases, [TaskContext.create(i) for i in range(len(cases))])
@@ -171,7 +126,7 @@ def test_awkward_shapes_give_finite_scores(digits):
 def test_qr_reduction_is_exact(digits):
     """With fewer items than dimensions (30 < 64) the QR reduction only changes the basis."""
     x, y = digits
-    tasks = [episode(x, y, 20 + i, queries=5)[0] for i in range(5)]
+    tasks = [digits_episode(x, y, 20 + i, queries=5)[0] for i in range(5)]
     ctxs = [TaskContext.create(i) for i in range(5)]
     reduced = PTMap(qr_reduction=True).predict_batch(tasks, ctxs)
     full = PTMap(qr_reduction=False).predict_batch(tasks, ctxs)
@@ -182,8 +137,10 @@ def test_qr_reduction_is_exact(digits):
 
 def test_deterministic_and_independent_of_batch(digits):
     x, y = digits
-    tasks = [episode(x, y, 60 + i, queries=dirichlet_counts(60 + i, 5, 40))[0] for i in range(4)]
-    tasks += [episode(x, y, 70 + i)[0] for i in range(4)]
+    tasks = [
+        digits_episode(x, y, 60 + i, queries=dirichlet_counts(60 + i, 5, 40))[0] for i in range(4)
+    ]
+    tasks += [digits_episode(x, y, 70 + i)[0] for i in range(4)]
     method = PTMap()
     a = method.predict_batch(tasks, [TaskContext.create(i) for i in range(8)])
     b = method.predict_batch(tasks, [TaskContext.create(i) for i in range(8)])
@@ -196,7 +153,7 @@ def test_beats_nearest_prototype_on_digits(digits):
     """100 5-way 1-shot episodes, 15 queries per class: PT-MAP is clearly above nearest-prototype
     on the same features (the paper reports large transductive gains in 1-shot)."""
     x, y = digits
-    eps = [episode(x, y, 1000 + i) for i in range(100)]
+    eps = [digits_episode(x, y, 1000 + i) for i in range(100)]
     tasks, labels = [e[0] for e in eps], [e[1] for e in eps]
     ctxs = [TaskContext.create(i) for i in range(100)]
     proto = available_methods()["nearest-prototype"]().predict_batch(tasks, ctxs)

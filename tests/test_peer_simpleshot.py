@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from digits_episodes import digits_episode, load_digits_features
 
 from fewshot_bench.methods import FitSource, TaskContext, get_method
 from fewshot_bench.methods.feature_prep import centred_l2
@@ -23,46 +23,13 @@ N_BASE = 600
 
 @pytest.fixture(scope="module")
 def digits() -> dict:
-    x, y = load_digits(return_X_y=True)
-    x = x.astype(np.float32)
+    """The digits split once (overrides conftest's ``digits``): ``x``, ``y`` the episode pool,
+    ``base`` the N_BASE base items."""
+    x, y = load_digits_features()
     perm = np.random.default_rng(0).permutation(len(y))
     base, pool = perm[:N_BASE], perm[N_BASE:]
     source = FitSource(torch.from_numpy(x[base]), y[base], "features", [str(c) for c in range(10)])
     return {"x": x[pool], "y": y[pool], "base": source}
-
-
-def digits_task(
-    d: dict,
-    seed: int,
-    way: int = 5,
-    shot: int = 1,
-    queries: int | list[int] = 15,
-    n_unl: int = 0,
-    shift: np.ndarray | None = None,
-) -> tuple[Task, np.ndarray]:
-    """An episode of ``way`` digit classes; ``queries``: per class, or a list of counts."""
-    x, y = d["x"], d["y"]
-    if shift is not None:
-        x = x + shift
-    rng = np.random.default_rng(seed)
-    counts = [queries] * way if isinstance(queries, int) else list(queries)
-    s, sl, u, q, ql = [], [], [], [], []
-    for j, c in enumerate(rng.choice(10, way, replace=False)):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        s += list(idx[:shot])
-        sl += [j] * shot
-        q += list(idx[shot : shot + counts[j]])
-        ql += [j] * counts[j]
-        u += list(idx[shot + counts[j] : shot + counts[j] + n_unl])
-    task = Task(
-        torch.from_numpy(x[s]),
-        torch.tensor(sl),
-        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
-        torch.from_numpy(x[q]).reshape(len(q), x.shape[1]),
-        way,
-        "features",
-    )
-    return task, np.array(ql, dtype=np.int64)
 
 
 def fitted(name: str, d: dict, shift: np.ndarray | None = None, **params):
@@ -90,13 +57,14 @@ def accuracy(method, tasks: list[tuple[Task, np.ndarray]]) -> float:
 def awkward_tasks(d: dict) -> list[Task]:
     """10-way 1-shot 1 query per class, one query in all, all queries of one class, an empty
     class next to a full one (imbalanced), a pool with distractors, 5-shot."""
+    x, y = d["x"], d["y"]
     return [
-        digits_task(d, 1, way=10, queries=1)[0],
-        digits_task(d, 2, queries=[1, 0, 0, 0, 0])[0],
-        digits_task(d, 3, queries=[0, 0, 12, 0, 0])[0],
-        digits_task(d, 4, queries=[7, 0, 3, 1, 0])[0],
-        digits_task(d, 5, way=3, queries=2, n_unl=4)[0],
-        digits_task(d, 6, shot=5, queries=[2, 1, 0, 9, 4])[0],
+        digits_episode(x, y, 1, way=10, queries=1)[0],
+        digits_episode(x, y, 2, queries=[1, 0, 0, 0, 0])[0],
+        digits_episode(x, y, 3, queries=[0, 0, 12, 0, 0])[0],
+        digits_episode(x, y, 4, queries=[7, 0, 3, 1, 0])[0],
+        digits_episode(x, y, 5, way=3, queries=2, n_unl=4)[0],
+        digits_episode(x, y, 6, shot=5, queries=[2, 1, 0, 9, 4])[0],
     ]
 
 
@@ -104,9 +72,10 @@ def awkward_tasks(d: dict) -> list[Task]:
 
 
 def test_simpleshot_is_cl2n_nearest_class_mean(digits):
+    x, y = digits["x"], digits["y"]
     method = fitted("simpleshot", digits)
     assert method.setting == "inductive"
-    task, _ = digits_task(digits, 0, shot=5)
+    task, _ = digits_episode(x, y, 0, shot=5)
     centre = digits["base"].data.double().mean(0).float()
     torch.testing.assert_close(method.base_mean, centre)
     sup = centred_l2(task.support, centre)
@@ -120,11 +89,12 @@ def test_simpleshot_is_cl2n_nearest_class_mean(digits):
 def test_simpleshot_is_shift_invariant_and_inductive(digits):
     """Defining property: CL2N with the base mean makes the scores invariant to adding a constant
     vector to every feature (base and task alike), and the scores depend on the support only."""
+    x, y = digits["x"], digits["y"]
     shift = np.random.default_rng(1).normal(0, 5, 64).astype(np.float32)
     plain, moved = fitted("simpleshot", digits), fitted("simpleshot", digits, shift=shift)
     for seed in range(5):
-        task, _ = digits_task(digits, seed, shot=1 + seed % 2)
-        task_moved, _ = digits_task(digits, seed, shot=1 + seed % 2, shift=shift)
+        task, _ = digits_episode(x, y, seed, shot=1 + seed % 2)
+        task_moved, _ = digits_episode(x + shift, y, seed, shot=1 + seed % 2)
         a = plain.predict(task, TaskContext.create(seed))
         b = moved.predict(task_moved, TaskContext.create(seed))
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -136,8 +106,8 @@ def test_simpleshot_is_shift_invariant_and_inductive(digits):
         torch.testing.assert_close(scorer(task.query.flip(0)).flip(0), a, rtol=0, atol=1e-6)
     # without the centring the shift changes the scores
     no_centre = fitted("simpleshot", digits, centre="none")
-    task, _ = digits_task(digits, 0)
-    task_moved, _ = digits_task(digits, 0, shift=shift)
+    task, _ = digits_episode(x, y, 0)
+    task_moved, _ = digits_episode(x + shift, y, 0)
     ctx = TaskContext.create(0)
     assert not torch.allclose(
         no_centre.predict(task, ctx), no_centre.predict(task_moved, ctx), atol=1e-3
@@ -161,12 +131,13 @@ def test_awkward_shapes_give_finite_scores(digits, name, centre):
 
 @pytest.mark.parametrize("name", ["simpleshot", "bd-cspn"])
 def test_deterministic(digits, name):
-    tasks = [digits_task(digits, i)[0] for i in range(4)] + awkward_tasks(digits)
+    x, y = digits["x"], digits["y"]
+    tasks = [digits_episode(x, y, i)[0] for i in range(4)] + awkward_tasks(digits)
     ctxs = [TaskContext.create(i) for i in range(len(tasks))]
     a = fitted(name, digits).predict_batch(tasks, ctxs)
     b = fitted(name, digits).predict_batch(tasks, ctxs)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y)
+    for first, second in zip(a, b, strict=True):
+        assert torch.equal(first, second)
     # a task's scores do not depend on its batch
     torch.testing.assert_close(fitted(name, digits).predict(tasks[2], ctxs[2]), a[2])
 
@@ -175,11 +146,12 @@ def test_deterministic(digits, name):
 
 
 def test_bd_cspn_without_bias_diminishing_is_cosine_nearest_prototype(digits):
+    x, y = digits["x"], digits["y"]
     method = fitted("bd-cspn", digits, cross_class=False, intra_class=False)
     centre = method.base_mean
     temperature = method.params["rectify_temperature"]
     for seed, shot in [(0, 1), (1, 5), (2, 3)]:
-        task, _ = digits_task(digits, seed, shot=shot, queries=[3, 0, 5, 1, 2])
+        task, _ = digits_episode(x, y, seed, shot=shot, queries=[3, 0, 5, 1, 2])
         protos = class_means(centred_l2(task.support, centre), task.support_labels, 5)
         qry = centred_l2(task.query, centre)
         expected = F.normalize(qry, dim=1) @ F.normalize(protos, dim=1).T / temperature
@@ -191,6 +163,7 @@ def test_bd_cspn_rectified_prototypes_are_convex_combinations(digits):
     """Defining property: each rectified prototype is a convex combination of its class's support
     items and at most top_z queries predicted as that class; a class without predicted queries
     (classes with 0 queries, Q < n_way) keeps its support only."""
+    x, y = digits["x"], digits["y"]
     method = fitted("bd-cspn", digits)
     z = method.params["top_z"]
     for seed, shot, queries in [
@@ -199,7 +172,7 @@ def test_bd_cspn_rectified_prototypes_are_convex_combinations(digits):
         (2, 1, [9, 0, 0, 1, 0]),
         (3, 2, [0, 0, 3, 0, 0]),
     ]:
-        task, _ = digits_task(digits, seed, shot=shot, queries=queries)
+        task, _ = digits_episode(x, y, seed, shot=shot, queries=queries)
         sup = centred_l2(task.support, method.base_mean).double()[None]
         qry = centred_l2(task.query, method.base_mean).double()[None]
         labels = task.support_labels[None]
@@ -228,7 +201,8 @@ def test_bd_cspn_rectified_prototypes_are_convex_combinations(digits):
 
 
 def test_bd_cspn_cross_class_shift_matches_the_means(digits):
-    task, _ = digits_task(digits, 0, queries=[2, 7, 0, 1, 5])
+    x, y = digits["x"], digits["y"]
+    task, _ = digits_episode(x, y, 0, queries=[2, 7, 0, 1, 5])
     sup = torch.from_numpy(np.asarray(task.support, dtype=np.float64))[None]
     qry = torch.from_numpy(np.asarray(task.query, dtype=np.float64))[None]
     shifted = cross_class_shift(sup, qry)
@@ -239,7 +213,8 @@ def test_bd_cspn_cross_class_shift_matches_the_means(digits):
 
 
 def test_bd_cspn_top_z_and_intra_class_switch(digits):
-    task, _ = digits_task(digits, 0)
+    x, y = digits["x"], digits["y"]
+    task, _ = digits_episode(x, y, 0)
     ctx = TaskContext.create(0)
     shift_only = fitted("bd-cspn", digits, intra_class=False).predict(task, ctx)
     # top_z = 0 with one shot: the rectified prototype is the support item itself
@@ -252,7 +227,8 @@ def test_bd_cspn_top_z_and_intra_class_switch(digits):
 def test_accuracy_on_digits_episodes(digits):
     """100 5-way 1-shot episodes, 15 queries per class: SimpleShot is not worse than the plain
     L2 nearest prototype, BD-CSPN beats SimpleShot (the paper's claim for transduction)."""
-    tasks = [digits_task(digits, 1000 + i) for i in range(100)]
+    x, y = digits["x"], digits["y"]
+    tasks = [digits_episode(x, y, 1000 + i) for i in range(100)]
     proto = accuracy(get_method("nearest-prototype")(), tasks)
     simple = accuracy(fitted("simpleshot", digits), tasks)
     bd = accuracy(fitted("bd-cspn", digits), tasks)

@@ -3,59 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from digits_episodes import digits_episode
 
 from fewshot_bench.methods import available_methods
 from fewshot_bench.methods.base import TaskContext
 from fewshot_bench.methods.simple import class_means
 from fewshot_bench.methods.tim import TIM, tim_gd, tim_loss_and_grad
-from fewshot_bench.tasks.task import Task
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-def episode(
-    x: np.ndarray,
-    y: np.ndarray,
-    seed: int,
-    way: int = 5,
-    shot: int = 1,
-    queries: list[int] | int = 15,
-    n_unl: int = 0,
-    distractors: int = 0,
-) -> tuple[Task, np.ndarray]:
-    """A digits episode: ``queries`` per class (a list: per class, may hold zeros), ``n_unl``
-    unlabeled items per class plus ``n_unl`` of each of ``distractors`` other classes."""
-    rng = np.random.default_rng(seed)
-    per_class = [queries] * way if isinstance(queries, int) else list(queries)
-    classes = rng.choice(10, way + distractors, replace=False)
-    s, sl, u, q, ql = [], [], [], [], []
-    for j, c in enumerate(classes):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        if j < way:
-            s += list(idx[:shot])
-            sl += [j] * shot
-            q += list(idx[shot : shot + per_class[j]])
-            ql += [j] * per_class[j]
-            u += list(idx[shot + per_class[j] : shot + per_class[j] + n_unl])
-        else:
-            u += list(idx[:n_unl])
-    task = Task(
-        torch.from_numpy(x[s]),
-        torch.tensor(sl),
-        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
-        torch.from_numpy(x[q]).reshape(len(q), x.shape[1]),
-        way,
-        "features",
-    )
-    return task, np.array(ql)
 
 
 def accuracy(scores: list[torch.Tensor], labels: list[np.ndarray]) -> float:
@@ -91,7 +46,7 @@ def test_tim_loss_decreases_on_real_episodes(digits):
     last of the paper's 1000 Adam steps, by a clear margin, and (Adam at lr 1e-4) never rises
     by more than rounding from one step to the next."""
     x, y = digits
-    tasks = [episode(x, y, 300 + i)[0] for i in range(12)]
+    tasks = [digits_episode(x, y, 300 + i)[0] for i in range(12)]
     z_s = torch.stack([F.normalize(t.support, dim=-1) for t in tasks])
     z_q = torch.stack([F.normalize(t.query, dim=-1) for t in tasks])
     y_s = torch.stack([t.support_labels for t in tasks])
@@ -108,7 +63,7 @@ def test_closed_form_gradient_and_adam_match_autograd(digits):
     """The closed-form gradient is autograd's on the paper's loss, and tim_gd's steps are those
     of torch.optim.Adam (float64)."""
     x, y = digits
-    tasks = [episode(x, y, 40 + i, shot=2)[0] for i in range(3)]
+    tasks = [digits_episode(x, y, 40 + i, shot=2)[0] for i in range(3)]
     z_s = torch.stack([F.normalize(t.support.double(), dim=-1) for t in tasks])
     z_q = torch.stack([F.normalize(t.query.double(), dim=-1) for t in tasks])
     y_s = torch.stack([t.support_labels for t in tasks])
@@ -134,11 +89,11 @@ def test_awkward_shapes_give_finite_scores(digits):
     x, y = digits
     method = TIM(iterations=100)
     cases = [
-        episode(x, y, 1, way=10, shot=1, queries=1)[0],  # 10-way 1-shot, 1 query per class
-        episode(x, y, 2, way=5, shot=1, queries=[0, 0, 1, 0, 0])[0],  # one query in all
-        episode(x, y, 3, way=5, shot=5, queries=[0, 12, 0, 0, 0])[0],  # all from one class
-        episode(x, y, 4, way=5, shot=1, queries=[3, 0, 7, 1, 0], n_unl=5, distractors=3)[0],
-        episode(x, y, 5, way=5, shot=1, queries=0)[0],  # no query at all
+        digits_episode(x, y, 1, way=10, shot=1, queries=1)[0],  # 10-way 1-shot, 1 query per class
+        digits_episode(x, y, 2, way=5, shot=1, queries=[0, 0, 1, 0, 0])[0],  # one query in all
+        digits_episode(x, y, 3, way=5, shot=5, queries=[0, 12, 0, 0, 0])[0],  # all from one class
+        digits_episode(x, y, 4, way=5, shot=1, queries=[3, 0, 7, 1, 0], n_unl=5, distractors=3)[0],
+        digits_episode(x, y, 5, way=5, shot=1, queries=0)[0],  # no query at all
     ]
     scores = method.predict_batch(cases, [TaskContext.create(i) for i in range(len(cases))])
     for task, s in zip(cases, scores, strict=True):
@@ -146,7 +101,7 @@ def test_awkward_shapes_give_finite_scores(digits):
         assert torch.isfinite(s).all()
     # all queries from one class: the marginal-entropy term (balanced-query assumption, stated
     # in the docstring) spreads them over several classes, where nearest-prototype keeps most
-    task, labels = episode(x, y, 3, way=5, shot=5, queries=[0, 12, 0, 0, 0])
+    task, labels = digits_episode(x, y, 3, way=5, shot=5, queries=[0, 12, 0, 0, 0])
     ctx = TaskContext.create(0)
     tim = TIM().predict(task, ctx).argmax(1).numpy()
     proto = available_methods()["nearest-prototype"]().predict(task, ctx).argmax(1).numpy()
@@ -156,7 +111,7 @@ def test_awkward_shapes_give_finite_scores(digits):
 
 def test_deterministic_and_independent_of_batch(digits):
     x, y = digits
-    tasks = [episode(x, y, 60 + i)[0] for i in range(4)]
+    tasks = [digits_episode(x, y, 60 + i)[0] for i in range(4)]
     method = TIM(iterations=200)
     a = method.predict_batch(tasks, [TaskContext.create(i) for i in range(4)])
     b = method.predict_batch(tasks, [TaskContext.create(i) for i in range(4)])
@@ -171,7 +126,7 @@ def test_beats_nearest_prototype_on_digits(digits):
     clearly above nearest-prototype on the same L2-normalised features (the paper reports
     +5 to +10 points over its inductive baselines in 1-shot)."""
     x, y = digits
-    eps = [episode(x, y, 1000 + i) for i in range(100)]
+    eps = [digits_episode(x, y, 1000 + i) for i in range(100)]
     tasks, labels = [e[0] for e in eps], [e[1] for e in eps]
     ctxs = [TaskContext.create(i) for i in range(100)]
     proto = available_methods()["nearest-prototype"]().predict_batch(tasks, ctxs)

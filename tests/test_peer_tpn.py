@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from digits_episodes import digits_episode, prototype_scores
 
 from fewshot_bench.graph.build import Graph
 from fewshot_bench.graph.spreading import label_spreading
@@ -25,60 +25,10 @@ from fewshot_bench.methods.tpn import (
 from fewshot_bench.tasks.task import Task
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-def episode(
-    x: np.ndarray,
-    y: np.ndarray,
-    seed: int,
-    way: int = 5,
-    shot: int = 1,
-    n_q: int = 15,
-    n_unl: int = 0,
-    distractors: int = 0,
-    query_counts: list[int] | None = None,
-) -> tuple[Task, np.ndarray]:
-    """A digits episode: ``way`` classes, pool of ``n_unl`` per class (plus ``distractors``
-    classes of ``n_unl`` items each), ``n_q`` queries per class or ``query_counts``."""
-    rng = np.random.default_rng(seed)
-    classes = rng.choice(10, way + distractors, replace=False)
-    counts = query_counts if query_counts is not None else [n_q] * way
-    s, sl, u, q, ql = [], [], [], [], []
-    for j, c in enumerate(classes):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        if j < way:
-            s += list(idx[:shot])
-            sl += [j] * shot
-            q += list(idx[shot : shot + counts[j]])
-            ql += [j] * counts[j]
-            u += list(idx[shot + counts[j] : shot + counts[j] + n_unl])
-        else:
-            u += list(idx[:n_unl])
-    task = Task(
-        torch.from_numpy(x[s]),
-        torch.tensor(sl),
-        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
-        torch.from_numpy(x[q]),
-        way,
-        "features",
-    )
-    return task, np.array(ql)
-
-
 def items(task: Task) -> torch.Tensor:
     """The task's items in graph order, L2-normalised (TPN's default ``normalize``)."""
     unl = task.unlabeled.reshape(-1, task.support.shape[1])
     return F.normalize(torch.cat([task.support, unl, task.query]), dim=1)
-
-
-def prototype_scores(task: Task) -> torch.Tensor:
-    sup, qry = F.normalize(task.support, dim=1), F.normalize(task.query, dim=1)
-    protos = torch.stack([sup[task.support_labels == c].mean(0) for c in range(task.n_way)])
-    return -torch.cdist(qry, protos)
 
 
 def test_registered_with_the_paper_defaults():
@@ -91,7 +41,7 @@ def test_closed_form_is_the_limit_of_the_iteration(digits):
     """F* = (I - αS)^-1 Y equals F_{t+1} = αSF_t + Y after many steps, and the sparse label
     spreading of fewshot_bench.graph (scipy LU, (1 - α) scaled) on the same graph."""
     x, y = digits
-    task, _ = episode(x, y, 3, shot=2, n_q=6, n_unl=3, distractors=1)
+    task, _ = digits_episode(x, y, 3, shot=2, queries=6, n_unl=3, distractors=1)
     xs = items(task)[None]
     w = gaussian_knn_graph(xs, 20, sigma_scale=0.5)
     s = normalized_graph(w)
@@ -116,14 +66,14 @@ def test_every_support_item_is_classified_as_its_label(digits):
     """With all queries in the graph, each support item's own row of F* peaks at its label."""
     x, y = digits
     for seed in range(10):
-        task, _ = episode(x, y, seed, shot=5, n_q=15)
+        task, _ = digits_episode(x, y, seed, shot=5, queries=15)
         fstar = tpn_propagate(items(task)[None], task.support_labels[None], 5)[0]
         assert torch.equal(fstar[:25].argmax(1), task.support_labels), seed
 
 
 def test_graph_is_the_symmetrised_knn_gaussian_graph(digits):
     x, y = digits
-    task, _ = episode(x, y, 1, n_q=8)
+    task, _ = digits_episode(x, y, 1, queries=8)
     xs = items(task)[None].double()
     n = xs.shape[1]
     w = gaussian_knn_graph(xs, 5, sigma_scale=1.0)[0]
@@ -163,11 +113,12 @@ def test_two_item_graph():
 def test_awkward_shapes_give_finite_scores(digits):
     x, y = digits
     cases = [
-        episode(x, y, 0, way=10, shot=1, n_q=1),  # 10-way 1-shot, one query per class
-        episode(x, y, 1, way=5, shot=1, query_counts=[1, 0, 0, 0, 0]),  # one query in all
-        episode(x, y, 2, way=5, shot=5, query_counts=[15, 0, 0, 0, 0]),  # one class only
-        episode(x, y, 3, way=5, shot=1, n_q=5, n_unl=5, distractors=3),  # pool + distractors
-        episode(x, y, 4, way=5, shot=1, query_counts=[7, 0, 3, 1, 4]),  # imbalanced
+        digits_episode(x, y, 0, way=10, shot=1, queries=1),  # 10-way 1-shot, one query per class
+        digits_episode(x, y, 1, way=5, shot=1, queries=[1, 0, 0, 0, 0]),  # one query in all
+        digits_episode(x, y, 2, way=5, shot=5, queries=[15, 0, 0, 0, 0]),  # one class only
+        # pool + distractors
+        digits_episode(x, y, 3, way=5, shot=1, queries=5, n_unl=5, distractors=3),
+        digits_episode(x, y, 4, way=5, shot=1, queries=[7, 0, 3, 1, 4]),  # imbalanced
     ]
     for task, _ in cases:
         scores = TPN().predict(task, TaskContext.create(0))
@@ -193,7 +144,7 @@ def test_queries_no_support_reaches_get_the_nearest_prototype():
 
 def test_deterministic(digits):
     x, y = digits
-    task, _ = episode(x, y, 5, n_unl=4, distractors=2)
+    task, _ = digits_episode(x, y, 5, n_unl=4, distractors=2)
     a = TPN().predict(task, TaskContext.create(11))
     b = TPN().predict(task, TaskContext.create(11))
     assert torch.equal(a, b)
@@ -203,7 +154,7 @@ def test_beats_nearest_prototype_on_digits(digits):
     """100 5-way 1-shot episodes, 15 queries per class: transduction over the query set helps
     (measured: 82% against 73% for nearest-prototype)."""
     x, y = digits
-    eps = [episode(x, y, 1000 + i) for i in range(100)]
+    eps = [digits_episode(x, y, 1000 + i) for i in range(100)]
     scores = TPN().predict_batch([t for t, _ in eps], [TaskContext.create(i) for i in range(100)])
     acc = np.mean(
         [(s.argmax(1).numpy() == ql).mean() for s, (_, ql) in zip(scores, eps, strict=True)]

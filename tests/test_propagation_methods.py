@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from digits_episodes import digits_episode, prototype_scores
 
 from fewshot_bench.errors import ProtocolError
 from fewshot_bench.methods import available_methods
@@ -30,52 +29,6 @@ NAMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y
-
-
-def digits_task(
-    x: np.ndarray,
-    y: np.ndarray,
-    seed: int,
-    shot: int = 1,
-    n_unl: int = 30,
-    n_q: int = 15,
-    distractors: int = 0,
-) -> tuple[Task, np.ndarray]:
-    """A 5-way episode on sklearn's digits with an unlabeled pool (optionally distractor classes)."""
-    rng = np.random.default_rng(seed)
-    classes = rng.choice(10, 5 + distractors, replace=False)
-    s, sl, u, q, ql = [], [], [], [], []
-    for j, c in enumerate(classes):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        if j < 5:
-            s += list(idx[:shot])
-            sl += [j] * shot
-            q += list(idx[shot : shot + n_q])
-            ql += [j] * n_q
-            u += list(idx[shot + n_q : shot + n_q + n_unl])
-        else:
-            u += list(idx[:n_unl])
-    task = Task(
-        torch.from_numpy(x[s]),
-        torch.tensor(sl),
-        torch.from_numpy(x[u]).reshape(len(u), x.shape[1]),
-        torch.from_numpy(x[q]),
-        5,
-        "features",
-    )
-    return task, np.array(ql)
-
-
-def prototype_scores(task: Task) -> torch.Tensor:
-    sup, qry = F.normalize(task.support, dim=1), F.normalize(task.query, dim=1)
-    protos = torch.stack([sup[task.support_labels == c].mean(0) for c in range(task.n_way)])
-    return -torch.cdist(qry, protos)
-
-
 def test_registered() -> None:
     methods = available_methods()
     for name in NAMES:
@@ -92,7 +45,7 @@ def test_propagation_beats_nearest_prototype_on_digits(digits) -> None:
     x, y = digits
     accs: dict[str, list[float]] = {"proto": [], "diffusion": [], "spectral": []}
     for seed in range(12):
-        task, ql = digits_task(x, y, seed)
+        task, ql = digits_episode(x, y, seed, n_unl=30)
         ctx = TaskContext.create(seed)
         accs["proto"].append(float((prototype_scores(task).argmax(1).numpy() == ql).mean()))
         accs["diffusion"].append(
@@ -123,7 +76,9 @@ def test_propagation_beats_nearest_prototype_on_digits(digits) -> None:
 def test_shapes_shots_and_empty_pool(method, digits) -> None:
     x, y = digits
     for shot, n_unl in [(1, 20), (3, 20), (2, 0)]:
-        task, _ = digits_task(x, y, 3, shot=shot, n_unl=n_unl, n_q=4, distractors=1 if n_unl else 0)
+        task, _ = digits_episode(
+            x, y, 3, shot=shot, queries=4, n_unl=n_unl, distractors=1 if n_unl else 0
+        )
         scores = method.predict(task, TaskContext.create(0))
         assert scores.shape == (20, 5)
         assert torch.isfinite(scores).all()
@@ -132,7 +87,7 @@ def test_shapes_shots_and_empty_pool(method, digits) -> None:
 def test_queries_out_only_do_not_change_each_other(digits) -> None:
     """With queries out-only, a query's score does not depend on the other queries."""
     x, y = digits
-    task, _ = digits_task(x, y, 5, shot=1, n_unl=30)
+    task, _ = digits_episode(x, y, 5, shot=1, n_unl=30)
     full = Diffusion(n_iter=3).predict(task, TaskContext.create(0))
     half = Task(task.support, task.support_labels, task.unlabeled, task.query[:10], 5, "features")
     torch.testing.assert_close(Diffusion(n_iter=3).predict(half, TaskContext.create(0)), full[:10])
@@ -142,7 +97,7 @@ def test_queries_out_only_do_not_change_each_other(digits) -> None:
 
 def test_deterministic_given_seed(digits) -> None:
     x, y = digits
-    task, _ = digits_task(x, y, 1, shot=3)
+    task, _ = digits_episode(x, y, 1, shot=3, n_unl=30)
     for cls in (Diffusion, DiffusionLogreg, SpectralPropagation):
         a = cls().predict(task, TaskContext.create(7))
         b = cls().predict(task, TaskContext.create(7))
@@ -151,7 +106,7 @@ def test_deterministic_given_seed(digits) -> None:
 
 def test_pseudo_label_export(digits) -> None:
     x, y = digits
-    task, _ = digits_task(x, y, 2, shot=1, n_unl=30)
+    task, _ = digits_episode(x, y, 2, shot=1, n_unl=30)
     pl = pseudo_label_unlabeled(task, TaskContext.create(0), k_per_class=4)
     assert len(pl) <= 20 and (pl.alpha[:-1] >= pl.alpha[1:]).all() and (pl.alpha >= 0.01).all()
     assert int(pl.indices.max()) < task.unlabeled.shape[0]
@@ -168,7 +123,7 @@ def test_unknown_parameter_rejected() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_matches_cpu(digits) -> None:
     x, y = digits
-    task, _ = digits_task(x, y, 4, shot=1)
+    task, _ = digits_episode(x, y, 4, shot=1, n_unl=30)
     cpu = Diffusion(n_iter=3).predict(task, TaskContext.create(0))
     gpu = Diffusion(n_iter=3).predict(task, TaskContext.create(0, device="cuda"))
     torch.testing.assert_close(cpu, gpu, atol=1e-4, rtol=1e-4)
@@ -192,14 +147,14 @@ def test_graphs_too_small_for_knn_structure_are_not_built(digits) -> None:
     methods give the support's eq. 5 vote on the features: the nearest-prototype ranking at
     1 shot; an explicit k still builds the graph."""
     x, y = digits
-    task, _ = digits_task(x, y, 3, shot=1, n_unl=0, n_q=1)
+    task, _ = digits_episode(x, y, 3, shot=1, queries=1)
     ctx = TaskContext.create(0)
     proto = prototype_scores(task).argmax(1)
     for method in (Diffusion(), SpectralPropagation(), DiffusionLogreg()):
         assert method.too_small(task)
         assert torch.equal(method.predict(task, ctx).argmax(1), proto)
     assert not Diffusion(k=1).too_small(task)
-    bigger, _ = digits_task(x, y, 3, shot=1, n_unl=0, n_q=2)
+    bigger, _ = digits_episode(x, y, 3, shot=1, queries=2)
     assert not Diffusion().too_small(bigger)
 
 
@@ -207,7 +162,7 @@ def test_spectral_support_check_keeps_the_better_vote(digits) -> None:
     """With >= 2 shots the spectral vote is kept only when it beats the feature vote on held-out
     support items; with 1 shot there is nothing to check and the spectral vote is used."""
     x, y = digits
-    one_shot, _ = digits_task(x, y, 5, shot=1, n_unl=10, n_q=5)
+    one_shot, _ = digits_episode(x, y, 5, shot=1, queries=5, n_unl=10)
     method = SpectralPropagation()
     method.predict(one_shot, TaskContext.create(0))
     assert method.last_choice == "spectral"
@@ -220,7 +175,7 @@ def test_spectral_support_check_keeps_the_better_vote(digits) -> None:
     acc = {"checked": [], "unchecked": [], "proto": []}
     choices = []
     for seed in range(12):
-        task, ql = digits_task(x, y, seed, shot=3, n_unl=10, n_q=5)
+        task, ql = digits_episode(x, y, seed, shot=3, queries=5, n_unl=10)
         ctx, truth = TaskContext.create(seed), torch.from_numpy(ql)
         acc["checked"].append((crippled.predict(task, ctx).argmax(1) == truth).float().mean())
         choices.append(crippled.last_choice)
@@ -241,47 +196,11 @@ def test_queries_no_seed_reaches_get_the_support_vote_not_a_uniform_guess(digits
     rng = np.random.default_rng(0)
     uniform_rows = 0
     for seed in range(10):
-        classes = rng.choice(10, 5, replace=False)
-        s, q, ql = [], [], []
-        for j, c in enumerate(classes):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            s.append(idx[0])
-            n_q = 6 if j == 0 else 1
-            q += list(idx[1 : 1 + n_q])
-            ql += [j] * n_q
-        task = Task(
-            torch.from_numpy(x[s]),
-            torch.arange(5),
-            torch.zeros(0, x.shape[1]),
-            torch.from_numpy(x[q]),
-            5,
-            "features",
-        )
+        task, _ = digits_episode(x, y, rng, queries=[6, 1, 1, 1, 1])
         scores = Diffusion(k=1).predict(task, TaskContext.create(seed))
         uniform_rows += int(((scores.max(1).values - scores.min(1).values) <= 1e-6).sum())
         assert torch.isfinite(scores).all()
     assert uniform_rows == 0
-
-
-def imbalanced_digits_task(x, y, rng, counts: list[int]) -> tuple[Task, np.ndarray]:
-    """A 1-shot task with ``counts[j]`` queries of class ``j`` (queries in the graph)."""
-    classes = rng.choice(10, len(counts), replace=False)
-    s, q, ql = [], [], []
-    for j, (c, n_q) in enumerate(zip(classes, counts, strict=True)):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        s.append(idx[0])
-        q += list(idx[1 : 1 + n_q])
-        ql += [j] * n_q
-    n_way = len(counts)
-    task = Task(
-        torch.from_numpy(x[s]),
-        torch.arange(n_way),
-        torch.zeros(0, x.shape[1]),
-        torch.from_numpy(x[q]),
-        n_way,
-        "features",
-    )
-    return task, np.array(ql)
 
 
 def test_estimated_class_prior_follows_imbalanced_queries(digits) -> None:
@@ -295,7 +214,7 @@ def test_estimated_class_prior_follows_imbalanced_queries(digits) -> None:
     acc: dict[str, list[float]] = {"auto": [], "uniform": []}
     priors = []
     for seed in range(20):
-        task, ql = imbalanced_digits_task(x, y, rng, [20, 10, 3, 1, 0])
+        task, ql = digits_episode(x, y, rng, queries=[20, 10, 3, 1, 0])
         ctx, truth = TaskContext.create(seed), torch.from_numpy(ql)
         method = D()
         sup, unl, qry = method_features(method, task, ctx)
@@ -325,7 +244,7 @@ def test_diffusion_support_check_falls_back_to_the_feature_vote(digits) -> None:
     x, y = digits
     seen = set()
     for seed in range(8):
-        task, _ = digits_task(x, y, seed, shot=3, n_unl=10, n_q=5)
+        task, _ = digits_episode(x, y, seed, shot=3, queries=5, n_unl=10)
         ctx = TaskContext.create(seed)
         checked = Diffusion()
         scores = checked.predict(task, ctx)
