@@ -28,7 +28,8 @@ omniglot() {
   done
   fsbench run omniglot-5w1s -m maml:meta_batch=16,steps=400 $W
   for p in omniglot-5w1s omniglot-5w5s omniglot-20w1s omniglot-20w5s; do
-    fsbench run $p "${feat[@]}" --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" --max-tasks 600 $W
+    fsbench run $p "${feat[@]}" "${PEERS[@]}" --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" \
+      --max-tasks 600 $W
   done
   fsbench leaderboard omniglot-5w1s omniglot-5w5s omniglot-20w1s omniglot-20w5s --name omniglot $W
 }
