@@ -42,7 +42,7 @@ omniglot_semi() {
     -m "soft-kmeans:init=$init,steps=0" -m "soft-kmeans-cluster:init=$init,steps=0" \
     -m "masked-soft-kmeans:init=$init,steps=0" $W
   fsbench run omniglot-semi-5w1s -m nearest-prototype -m nn-propagation -m spectral-propagation \
-    -m diffusion -m propagation-classifier:propagator=nn -m diffusion-logreg \
+    -m diffusion -m propagation-classifier:propagator=nn -m diffusion-logreg "${PEERS[@]}" \
     --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" --max-tasks 600 $W
   fsbench leaderboard omniglot-semi-5w1s $W
 }
