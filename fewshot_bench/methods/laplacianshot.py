@@ -44,10 +44,11 @@ from __future__ import annotations
 import torch
 
 from fewshot_bench.methods.base import TaskContext
+from fewshot_bench.methods.batching import same_shape_groups
 from fewshot_bench.methods.feature_prep import CENTRE, BaseCentred
 from fewshot_bench.methods.params import Param
 from fewshot_bench.methods.registry import register_method
-from fewshot_bench.methods.simpleshot import RECTIFY_SCHEMA, prepared_batch, rectify, shape_groups
+from fewshot_bench.methods.simpleshot import RECTIFY_SCHEMA, prepared_batch, rectify
 from fewshot_bench.tasks.task import Task
 
 #: step halvings tried when a full bound update would increase the objective
@@ -149,7 +150,7 @@ class LaplacianShot(BaseCentred):
         traces: list[torch.Tensor | None] = [None] * len(tasks)
         p = self.params
         lam = float(p["lam"])
-        for idx in shape_groups(tasks, ctxs).values():
+        for idx in same_shape_groups(tasks, ctxs):
             group = [tasks[i] for i in idx]
             sup, lab, qry = prepared_batch(self, group, with_queries=True, dtype=torch.float64)
             qry, protos = rectify(sup, lab, qry, group[0].n_way, p)

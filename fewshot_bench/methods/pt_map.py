@@ -49,14 +49,13 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_bench.methods.base import Method, TaskContext
+from fewshot_bench.methods.batching import predict_by_shape
 from fewshot_bench.methods.feature_prep import power_transform
 from fewshot_bench.methods.params import Param
 from fewshot_bench.methods.registry import register_method
 from fewshot_bench.methods.simple import class_means
 from fewshot_bench.tasks.task import Task
 
-#: Largest number of same-shaped tasks processed together (bounds the working memory).
-MAX_CHUNK = 512
 #: Sinkhorn sweeps (column scalings) before the Newton steps of :func:`sinkhorn`.
 SWEEPS = 3
 #: Largest change of a column potential in one Newton step (nats).
@@ -201,21 +200,7 @@ class PTMap(Method):
     }
 
     def predict_batch(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[torch.Tensor]:
-        out: list[torch.Tensor | None] = [None] * len(tasks)
-        groups: dict[tuple, list[int]] = {}
-        for i, (t, c) in enumerate(zip(tasks, ctxs, strict=True)):
-            key = (tuple(t.support.shape), tuple(t.query.shape), t.n_way, c.device)
-            groups.setdefault(key, []).append(i)
-        for (_, (n_q, *_), n_way, device), idx in groups.items():
-            if n_q == 0:
-                for i in idx:
-                    out[i] = torch.zeros(0, n_way, device=device)
-                continue
-            for s in range(0, len(idx), MAX_CHUNK):
-                part = idx[s : s + MAX_CHUNK]
-                for i, score in zip(part, self._map([tasks[i] for i in part], device), strict=True):
-                    out[i] = score
-        return out  # type: ignore[return-value]
+        return predict_by_shape(tasks, ctxs, self._map)
 
     def transform(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """The preprocessed items ``[B, S + Q, D']`` of a batch (support rows first)."""

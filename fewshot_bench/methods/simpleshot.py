@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_bench.methods.base import Scorer, TaskContext
+from fewshot_bench.methods.batching import predict_by_shape
 from fewshot_bench.methods.feature_prep import CENTRE, BaseCentred, centred_l2
 from fewshot_bench.methods.params import Param
 from fewshot_bench.methods.registry import register_method
@@ -158,15 +159,6 @@ def prepared_batch(
     return torch.stack(sup), torch.stack(lab), torch.stack(qry)
 
 
-def shape_groups(tasks: list[Task], ctxs: list[TaskContext]) -> dict[tuple, list[int]]:
-    """Indices of the tasks with identical tensor shapes, ``n_way`` and device."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (t, c) in enumerate(zip(tasks, ctxs, strict=True)):
-        key = (tuple(t.support.shape), tuple(t.query.shape), t.n_way, str(c.device))
-        groups.setdefault(key, []).append(i)
-    return groups
-
-
 @register_method("simpleshot")
 class SimpleShot(BaseCentred):
     """SimpleShot (Wang et al. 2019): CL2N features, nearest class mean, Euclidean distance.
@@ -204,13 +196,10 @@ class BDCSPN(BaseCentred):
     schema = {"centre": CENTRE, **RECTIFY_SCHEMA}
 
     def predict_batch(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[torch.Tensor]:
-        out: list[torch.Tensor | None] = [None] * len(tasks)
-        temperature = float(self.params["rectify_temperature"])
-        for idx in shape_groups(tasks, ctxs).values():
-            group = [tasks[i] for i in idx]
-            sup, lab, qry = prepared_batch(self, group, with_queries=True, dtype=torch.float64)
-            qry, protos = rectify(sup, lab, qry, group[0].n_way, self.params)
-            scores = (cosine(qry, protos) / temperature).float()
-            for j, i in enumerate(idx):
-                out[i] = scores[j]
-        return out  # type: ignore[return-value]
+        return predict_by_shape(tasks, ctxs, self._solve)
+
+    def _solve(self, group: list[Task], device: torch.device) -> list[torch.Tensor]:
+        """Scores of same-shaped tasks (each rectified on its own queries)."""
+        sup, lab, qry = prepared_batch(self, group, with_queries=True, dtype=torch.float64)
+        qry, protos = rectify(sup, lab, qry, group[0].n_way, self.params)
+        return list((cosine(qry, protos) / float(self.params["rectify_temperature"])).float())

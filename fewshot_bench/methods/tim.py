@@ -45,14 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_bench.methods.base import Method, TaskContext
+from fewshot_bench.methods.batching import predict_by_shape
 from fewshot_bench.methods.param_groups import NORMALIZE
 from fewshot_bench.methods.params import Param
 from fewshot_bench.methods.registry import register_method
 from fewshot_bench.methods.simple import class_means, feature_transform
 from fewshot_bench.tasks.task import Task
-
-#: Largest number of same-shaped tasks optimised together (bounds the working memory).
-MAX_CHUNK = 512
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -178,21 +176,7 @@ class TIM(Method):
     }
 
     def predict_batch(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[torch.Tensor]:
-        out: list[torch.Tensor | None] = [None] * len(tasks)
-        groups: dict[tuple, list[int]] = {}
-        for i, (t, c) in enumerate(zip(tasks, ctxs, strict=True)):
-            key = (tuple(t.support.shape), tuple(t.query.shape), t.n_way, c.device)
-            groups.setdefault(key, []).append(i)
-        for (_, (n_q, *_), n_way, device), idx in groups.items():
-            if n_q == 0:
-                for i in idx:
-                    out[i] = torch.zeros(0, n_way, device=device)
-                continue
-            for s in range(0, len(idx), MAX_CHUNK):
-                part = idx[s : s + MAX_CHUNK]
-                for i, score in zip(part, self._fit([tasks[i] for i in part], device), strict=True):
-                    out[i] = score
-        return out  # type: ignore[return-value]
+        return predict_by_shape(tasks, ctxs, self._fit)
 
     def _fit(self, tasks: list[Task], device: torch.device) -> list[torch.Tensor]:
         """Query log-probabilities of same-shaped ``tasks`` (each fitted on its own)."""

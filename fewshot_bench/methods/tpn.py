@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from fewshot_bench.errors import ProtocolError
 from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES, few_threads
 from fewshot_bench.methods.base import Method, TaskContext
+from fewshot_bench.methods.batching import predict_by_shape
 from fewshot_bench.methods.param_groups import NORMALIZE
 from fewshot_bench.methods.params import Param
 from fewshot_bench.methods.registry import register_method
@@ -154,15 +155,15 @@ def predict_grouped(
     ctxs: list[TaskContext],
     predict: Callable[[list[Task], torch.device], list[torch.Tensor]],
 ) -> list[torch.Tensor]:
-    """``predict`` on groups of same-shaped tasks (chunks bounded by :data:`CHUNK_ENTRIES`
-    dense ``[n, n]`` entries), single-threaded for small CPU graphs; scores in task order."""
-    out: list[torch.Tensor | None] = [None] * len(tasks)
-    groups: dict[tuple, list[int]] = {}
-    for i, (t, c) in enumerate(zip(tasks, ctxs, strict=True)):
-        key = (tuple(t.support.shape), t.unlabeled.shape[0], t.query.shape[0], t.n_way, c.device)
-        groups.setdefault(key, []).append(i)
-    for (_, n_u, n_q, _, device), idx in groups.items():
-        n = tasks[idx[0]].n_support + int(n_u) + int(n_q)
+    """``predict`` on chunks of same-shaped tasks (bounded by :data:`CHUNK_ENTRIES` dense
+    ``[n, n]`` entries), single-threaded for small CPU graphs; refuses graphs beyond
+    :data:`DENSE_MAX_NODES` items; scores in task order."""
+
+    def nodes(task: Task) -> int:
+        return task.n_support + int(task.unlabeled.shape[0]) + int(task.query.shape[0])
+
+    def solve(group: list[Task], device: torch.device) -> list[torch.Tensor]:
+        n = nodes(group[0])
         if n > DENSE_MAX_NODES:
             raise ProtocolError(
                 f"this method builds a dense {n} x {n} graph per task (support + unlabeled pool "
@@ -170,14 +171,10 @@ def predict_grouped(
                 "smaller pool, or a sparse graph method (diffusion, nn-propagation) for pools "
                 "this large"
             )
-        chunk = max(1, CHUNK_ENTRIES // (n * n))
         with few_threads(device.type == "cpu" and n <= SMALL_PROBLEM_NODES):
-            for s in range(0, len(idx), chunk):
-                part = idx[s : s + chunk]
-                scores = predict([tasks[i] for i in part], device)
-                for i, score in zip(part, scores, strict=True):
-                    out[i] = score
-    return out  # type: ignore[return-value]
+            return predict(group, device)
+
+    return predict_by_shape(tasks, ctxs, solve, chunk=lambda t: CHUNK_ENTRIES // nodes(t) ** 2)
 
 
 #: Largest task (support + pool + queries) the dense-graph methods take: a dense float64 graph
