@@ -34,6 +34,11 @@ OVERRIDES: dict[str, dict] = {
     "propagation-classifier": {"logreg_iter": 15},
 }
 TOL = {"rtol": 1e-6, "atol": 1e-6}
+#: Iterative optimisers (1000 Adam steps, 20 MAP steps): multi-threaded BLAS sums a stacked batch
+#: in a batch-size-dependent order, and their iterations carry that rounding to a few 1e-6 (seen
+#: with 2 threads); a batch-mate leak would move scores by far more, and the argmax must match.
+ITERATIVE_TOL = {"rtol": 2e-5, "atol": 2e-5}
+TOLERANCE = {"tim": ITERATIVE_TOL, "pt-map": ITERATIVE_TOL}
 
 
 def builtin_feature_methods() -> list[str]:
@@ -99,7 +104,10 @@ def test_scores_do_not_depend_on_the_batch(name, tasks):
         for i in range(N_TASKS):
             assert torch.equal(scores[i].argmax(1), alone[i].argmax(1)), f"{name} task {i} {how}"
             torch.testing.assert_close(
-                scores[i], alone[i], **TOL, msg=lambda m, i=i, how=how: f"task {i} {how}: {m}"
+                scores[i],
+                alone[i],
+                **TOLERANCE.get(name, TOL),
+                msg=lambda m, i=i, how=how: f"task {i} {how}: {m}",
             )
 
 
