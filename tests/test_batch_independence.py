@@ -32,6 +32,7 @@ SHAPES = [(5, 1, 3, 0), (5, 1, 3, 4), (3, 2, 4, 5), (4, 3, 2, 0)]
 OVERRIDES: dict[str, dict] = {
     "diffusion-logreg": {"logreg_iter": 15},
     "propagation-classifier": {"logreg_iter": 15},
+    "tim": {"iterations": 100},
 }
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 #: Iterative optimisers (1000 Adam steps, 20 MAP steps): multi-threaded BLAS sums a stacked batch
