@@ -112,3 +112,10 @@ class JointQueryRanker(Method):
     def predict(self, task, ctx):
         rank = task.query.norm(dim=1).argsort().argsort()
         return torch.nn.functional.one_hot(rank % task.n_way, task.n_way).float()
+
+
+@register_method("rowwise-claimer")
+class RowwiseClaimer(JointQueryRanker):
+    """Hostile: the joint query ranker, claiming a row-wise scorer to get its queries at once."""
+
+    rowwise_scorer = True

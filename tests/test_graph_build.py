@@ -68,16 +68,58 @@ def test_memory_near_8nk() -> None:
 
 
 def test_background_cache_roundtrip(tmp_path) -> None:
+    """Douze et al.'s offline/online split (``build="block"``): one W_BB per background."""
     lab, bg, q = _data(30, seed=1), _data(2000, seed=2), _data(10, seed=3)
+    kw = {"k": 8, "index": "ivf", "nprobe": 4, "build": "block"}
     cache = BackgroundGraphCache(tmp_path)
-    g1 = build_block_graph(lab, bg, q, k=8, index="ivf", nprobe=4, cache=cache)
+    g1 = build_block_graph(lab, bg, q, cache=cache, **kw)
     assert cache.misses == 1 and len(list(tmp_path.glob("bg-*.npz"))) == 1
-    g2 = build_block_graph(_data(30, seed=9), bg, q, k=8, index="ivf", nprobe=4, cache=cache)
+    g2 = build_block_graph(_data(30, seed=9), bg, q, cache=cache, **kw)
     assert cache.hits == 1  # other labeled set, same background: W_BB reused
     fresh = BackgroundGraphCache(tmp_path)  # a new process: read from disk
-    g3 = build_block_graph(lab, bg, q, k=8, index="ivf", nprobe=4, cache=fresh)
+    g3 = build_block_graph(lab, bg, q, cache=fresh, **kw)
     assert fresh.hits == 1
     _same(g1, g3)
     assert g2.n_nodes == g1.n_nodes
-    uncached = build_block_graph(lab, bg, q, k=8, index="ivf", nprobe=4)
+    uncached = build_block_graph(lab, bg, q, **kw)
     _same(g1, uncached)
+    # the background in another order is the same background: a hit, and the same graph
+    perm = np.random.default_rng(0).permutation(len(bg))
+    g4 = build_block_graph(lab, bg[perm], q, cache=fresh, **kw)
+    assert fresh.hits == 2
+    _same_permuted(g1, g4, np.concatenate([np.arange(30), 30 + perm, 2030 + np.arange(10)]))
+
+
+def _same_permuted(a, b, nodes: np.ndarray) -> None:
+    """``b`` is ``a`` with its nodes listed in the order ``nodes`` (b's node i is a's nodes[i])."""
+    np.testing.assert_array_equal(a.adjacency[nodes][:, nodes].toarray(), b.adjacency.toarray())
+
+
+def test_union_graph_is_shared_by_tasks_labeling_other_items_of_one_pool(tmp_path) -> None:
+    """``build="union"`` with an approximate index: one graph over labeled + pool, shared by every
+    task that splits the same items differently into labeled and unlabeled, in any order; the
+    same graph with or without the cache."""
+    pool, q = _data(2030, seed=2), _data(10, seed=3)
+    kw = {"k": 8, "index": "ivf", "nprobe": 4}
+    cache = BackgroundGraphCache(tmp_path)
+    g1 = build_block_graph(pool[:30], pool[30:], q, cache=cache, **kw)
+    assert cache.misses == 2  # the core graph and the queries' lists
+    perm = np.random.default_rng(1).permutation(len(pool))  # other labeled items, other order
+    qperm = np.random.default_rng(2).permutation(len(q))
+    g2 = build_block_graph(pool[perm[:30]], pool[perm[30:]], q[qperm], cache=cache, **kw)
+    assert cache.hits == 2 and cache.misses == 2
+    _same_permuted(g1, g2, np.concatenate([perm, 2030 + qperm]))
+    uncached = build_block_graph(pool[perm[:30]], pool[perm[30:]], q[qperm], **kw)
+    _same(g2, uncached)
+    fresh = BackgroundGraphCache(tmp_path)  # a new process: read from disk
+    _same(g1, build_block_graph(pool[:30], pool[30:], q, cache=fresh, **kw))
+    assert fresh.hits == 2
+
+
+def test_union_and_block_agree_when_the_search_is_exact() -> None:
+    lab, bg, q = _data(30, seed=1), _data(600, seed=2), _data(10, seed=3)
+    union = build_block_graph(lab, bg, q, k=8, index="flat")
+    block = build_block_graph(lab, bg, q, k=8, index="flat", build="block")
+    _same(union, block)
+    whole = build_graph(np.concatenate([lab, bg]), q, k=8, index="flat")
+    _same(union, whole)

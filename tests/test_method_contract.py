@@ -14,7 +14,14 @@ from fewshot_bench.cli import main
 from fewshot_bench.errors import ProtocolError
 from fewshot_bench.methods import available_methods
 from fewshot_bench.methods.params import Param, parse_method_spec, validate
-from fewshot_bench.run.executor import MethodError, MethodSpec, ProcessExecutor
+from fewshot_bench.run.assemble import queries_at_once
+from fewshot_bench.run.executor import (
+    MethodError,
+    MethodSpec,
+    ProcessExecutor,
+    deliver,
+    given_task,
+)
 from fewshot_bench.run.fixtures import write_episodic_protocol
 from fewshot_bench.tasks.task import Task
 
@@ -189,9 +196,69 @@ def test_an_inductive_method_cannot_use_its_queries_jointly(worker):
     assert (scores.argmax(1) == 0).all()  # rank 0 of 1, for every query
 
 
+def test_a_plugin_claiming_a_rowwise_scorer_still_gets_one_query_per_call(worker):
+    """Only built-in classes are taken at their word: a plugin's ``rowwise_scorer`` is ignored."""
+    handle = worker.open(MethodSpec("rowwise-claimer", {}), "cpu")
+    (scores,), _ = worker.map(handle, [probe_task(n_query=9)], [0])
+    worker.release(handle)
+    assert (scores.argmax(1) == 0).all()
+    assert not queries_at_once("rowwise-claimer", "")
+    assert not queries_at_once("nearest-prototype", f"{PROBES}:RowwiseClaimer")
+
+
+ROWWISE = sorted(n for n, c in available_methods().items() if c.__dict__.get("rowwise_scorer"))
+
+
+def test_the_rowwise_builtins_are_the_simple_feature_methods():
+    assert ROWWISE == [
+        "logistic-regression",
+        "nearest-prototype",
+        "nn-propagation",
+        "propagation-classifier",
+        "simpleshot",
+    ]
+    assert all(queries_at_once(name, "") for name in ROWWISE)
+    assert not queries_at_once("protonet", "")  # a network: not declared row-wise
+
+
+@pytest.mark.parametrize("name", ROWWISE)
+def test_rowwise_builtins_score_all_queries_as_one_at_a_time(name, digits):
+    """What the declaration promises: ``scorer(Q)[i] == scorer(Q[i:i+1])`` (to float rounding;
+    the same argmax) on a real task with an unlabeled pool, so batching changes no result."""
+    from digits_episodes import digits_episode
+
+    from fewshot_bench.methods.base import TaskContext
+
+    x, y = digits
+    task, _ = digits_episode(x, y, 3, way=5, shot=2, queries=8, n_unl=6)
+    method = available_methods()[name]()
+    setting = "semi-supervised" if method.setting == "semi-supervised" else "inductive"
+    given = given_task(task, setting)
+    (scorer,) = method.fit_tasks([given], [TaskContext.create(0)])
+    together = scorer(task.query)
+    alone = torch.cat([scorer(task.query[i : i + 1]) for i in range(task.query.shape[0])])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert torch.equal(together.argmax(1), alone.argmax(1))
+
+
+def test_a_rowwise_builtin_gets_each_chunk_in_one_score_request(worker):
+    calls = []
+
+    def counting(*request):
+        calls.append(request[0])
+        return worker._call(*request)
+
+    handle = worker.open(MethodSpec("nearest-prototype", {}), "cpu")
+    tasks = [probe_task(n_query=9), probe_task(n_query=4)]
+    scores, _ = deliver(counting, handle, tasks, [0, 1])
+    worker.release(handle)
+    assert calls == ["fit", "score", "drop"]
+    assert [tuple(s.shape) for s in scores] == [(9, 3), (4, 3)]
+
+
 def test_scorer_shape_is_checked(worker):
     handle = worker.open(MethodSpec("contract-probe", {"setting": "inductive", "bad_shape": True}))
-    with pytest.raises(MethodError, match=r"scored one query with shape \(2, 3\)"):
+    with pytest.raises(MethodError, match=r"scored 1 queries with shape \(2, 3\)"):
         worker.map(handle, [probe_task()], [0])
     worker.release(handle)
 

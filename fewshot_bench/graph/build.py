@@ -22,16 +22,23 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from fewshot_bench.atomic import atomic_path
-from fewshot_bench.graph.knn import KnnIndex, Neighbors, merge_neighbors, prepare_vectors
+from fewshot_bench.graph.knn import (
+    KnnIndex,
+    Neighbors,
+    choose_index,
+    merge_neighbors,
+    prepare_vectors,
+)
 
 WEIGHTS = ("binary", "exp")
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 @dataclass
@@ -232,7 +239,7 @@ class BackgroundGraphCache:
     without retraining. The key hashes the features, ``k``, metric, index type, ``nprobe``/``nlist``.
     """
 
-    def __init__(self, directory: Path | str | None = None, memory_slots: int = 2) -> None:
+    def __init__(self, directory: Path | str | None = None, memory_slots: int = 6) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.memory_slots = memory_slots
         self._mem: OrderedDict[str, tuple[Neighbors, dict[str, np.ndarray], str]] = OrderedDict()
@@ -300,6 +307,91 @@ def default_cache() -> BackgroundGraphCache:
     return _DEFAULT_CACHE
 
 
+BUILDS = ("union", "block")
+
+#: Fixed multipliers of :func:`row_hashes`: cache keys must agree across processes and runs.
+_ROW_HASH_SEED = 0x5EED_F5B
+
+
+def row_hashes(x: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Two 64-bit content hashes per row, ``[n, 2]`` uint64: a row's hashes depend on its bytes
+    only, so a set of rows has the same hashes in any order (see :func:`canonical_order`)."""
+    n = int(x.shape[0])
+    raw = np.ascontiguousarray(x).reshape(n, -1).view(np.uint8)
+    pad = (-raw.shape[1]) % 8
+    if pad:
+        raw = np.concatenate([raw, np.zeros((n, pad), dtype=np.uint8)], axis=1)
+    words = np.ascontiguousarray(raw).view("<u8")
+    rng = np.random.default_rng(_ROW_HASH_SEED)
+    mult = rng.integers(0, 2**63, size=(words.shape[1], 2), dtype=np.uint64) * np.uint64(2)
+    mult += np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (
+            np.concatenate(
+                [
+                    np.stack(
+                        [
+                            (words[i : i + block] * mult[:, j]).sum(1, dtype=np.uint64)
+                            for j in (0, 1)
+                        ],
+                        1,
+                    )
+                    for i in range(0, n, block)
+                ]
+            )
+            if n
+            else np.zeros((0, 2), np.uint64)
+        )
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def canonical_order(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """The permutation that puts the rows of ``x`` in content order, and a digest of the row set.
+
+    Two tasks holding the same items in different orders get the same digest and, after the
+    permutation, the same matrix: a graph built on it is shared between them and does not
+    depend on the order a task lists its items in."""
+    h = row_hashes(x)
+    order = np.lexsort((h[:, 1], h[:, 0])).astype(np.int64)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{x.shape}|{x.dtype}".encode())
+    digest.update(np.ascontiguousarray(h[order]).data)
+    return order, digest.hexdigest()
+
+
+def _inverse(order: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order), dtype=order.dtype)
+    return inv
+
+
+def _from_canonical(nb: Neighbors, order: np.ndarray, rows: np.ndarray | None) -> Neighbors:
+    """Lists computed on canonically ordered points, back in the caller's order: row ``r`` of the
+    result is row ``rows[r]`` of ``nb`` (``None``: the same row), ids mapped through ``order``."""
+    idx = nb.indices if rows is None else nb.indices[rows]
+    sims = nb.sims if rows is None else nb.sims[rows]
+    return Neighbors(np.where(idx >= 0, order[np.maximum(idx, 0)], -1), sims)
+
+
+def _cached_search(
+    cache: BackgroundGraphCache | None, key: str | None, compute: Any
+) -> tuple[Neighbors, dict[str, np.ndarray], str]:
+    """``compute()`` -> (lists, index state, index kind), through ``cache`` under ``key``."""
+    if cache is not None and key is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    nb, state, kind = compute()
+    if cache is not None and key is not None:
+        cache.put(key, nb, state, kind)
+    return nb, state, kind
+
+
 def background_index(
     background: np.ndarray | torch.Tensor,
     *,
@@ -311,44 +403,78 @@ def background_index(
     device: torch.device | str = "cpu",
     seed: int = 0,
     cache: BackgroundGraphCache | None = None,
-) -> tuple[Neighbors, KnnIndex]:
-    """``W_BB`` kNN lists of the background set and a searchable index over it (cached)."""
+) -> tuple[Neighbors, KnnIndex, np.ndarray]:
+    """``W_BB`` kNN lists of the background set, a searchable index over it and ``order``: the
+    index holds the background in content order (:func:`canonical_order`), so one cached graph
+    serves every order a task lists the same background in. The lists are in the caller's order;
+    ids an index search returns are mapped back with ``order[ids]``."""
     xb = prepare_vectors(background, metric)
-    if cache is None:
-        idx = KnnIndex(
-            xb,
-            metric="ip" if metric == "cosine" else metric,
-            index=index,
-            nprobe=nprobe,
-            nlist=nlist,
-            device=device,
-            seed=seed,
+    order, digest = canonical_order(xb)
+    xc = np.ascontiguousarray(xb[order])
+    inner = "ip" if metric == "cosine" else metric  # xb is already normalised
+    opts = {"metric": inner, "nprobe": nprobe, "nlist": nlist, "device": device, "seed": seed}
+    built: list[KnnIndex] = []
+
+    def compute() -> tuple[Neighbors, dict[str, np.ndarray], str]:
+        idx = KnnIndex(xc, index=index, **opts)
+        built.append(idx)
+        return idx.search_self(k), idx.state(), idx.kind
+
+    key = None
+    if cache is not None:
+        key = cache.key(
+            digest, k=k, metric=metric, index=index, nprobe=nprobe, nlist=nlist, seed=seed
         )
-        return idx.search_self(k), idx
-    key = cache.key(
-        features_digest(xb), k=k, metric=metric, index=index, nprobe=nprobe, nlist=nlist, seed=seed
-    )
-    hit = cache.get(key)
-    inner_metric = "ip" if metric == "cosine" else metric  # xb is already normalised
-    if hit is not None:
-        nb, state, kind = hit
-        idx = KnnIndex(
-            xb,
-            metric=inner_metric,
-            index=kind,
-            nprobe=nprobe,
-            nlist=nlist,
-            device=device,
-            seed=seed,
-            state=state or None,
-        )
-        return nb, idx
-    idx = KnnIndex(
-        xb, metric=inner_metric, index=index, nprobe=nprobe, nlist=nlist, device=device, seed=seed
-    )
-    nb = idx.search_self(k)
-    cache.put(key, nb, idx.state(), idx.kind)
-    return nb, idx
+    nb, state, kind = _cached_search(cache, key, compute)
+    idx = built[0] if built else KnnIndex(xc, index=kind, state=state or None, **opts)
+    return _from_canonical(nb, order, _inverse(order)), idx, order
+
+
+def _union_graph(
+    xu: np.ndarray,
+    xq: np.ndarray | None,
+    *,
+    k: int,
+    metric: str,
+    index: str,
+    opts: dict[str, Any],
+    weight: str,
+    temperature: float,
+    cache: BackgroundGraphCache | None,
+) -> Graph:
+    """One kNN graph over all core points ``xu`` (in content order, so that tasks holding the same
+    items share it from ``cache``), and the out-only rows of ``xq``, whose lists are cached too."""
+    order, digest = canonical_order(xu)
+    xc = np.ascontiguousarray(xu[order])
+    built: list[KnnIndex] = []
+
+    def compute() -> tuple[Neighbors, dict[str, np.ndarray], str]:
+        idx = KnnIndex(xc, index=index, **opts)
+        built.append(idx)
+        return idx.search_self(k), idx.state(), idx.kind
+
+    key = None
+    if cache is not None:
+        key = cache.key(digest, k=k, metric=metric, index=index, build="union", **opts_key(opts))
+    nb, state, kind = _cached_search(cache, key, compute)
+    core = _from_canonical(nb, order, _inverse(order))
+    out = None
+    if xq is not None:
+        q_order, q_digest = canonical_order(xq)
+
+        def search_queries() -> tuple[Neighbors, dict[str, np.ndarray], str]:
+            idx = built[0] if built else KnnIndex(xc, index=kind, state=state or None, **opts)
+            return idx.search(np.ascontiguousarray(xq[q_order]), k), {}, "queries"
+
+        q_key = None if key is None else cache.key(q_digest, of=key)  # type: ignore[union-attr]
+        qn, _, _ = _cached_search(cache, q_key, search_queries)
+        out = _from_canonical(qn, order, _inverse(q_order))
+    return graph_from_neighbors(core, out, weight=weight, temperature=temperature)
+
+
+def opts_key(opts: dict[str, Any]) -> dict[str, Any]:
+    """The index options that decide a graph (not where it is computed)."""
+    return {n: v for n, v in opts.items() if n not in ("device", "metric")}
 
 
 def build_block_graph(
@@ -366,43 +492,73 @@ def build_block_graph(
     device: torch.device | str = "cpu",
     seed: int = 0,
     cache: BackgroundGraphCache | None = None,
+    build: str = "union",
 ) -> Graph:
-    """Block build over nodes ``[labeled, background, queries]``; queries are out-only.
+    """The kNN graph over nodes ``[labeled, background, queries]``; queries are out-only.
 
-    ``W_BB`` comes from ``cache`` (built once per background set); online work is exact searches
-    against the (small) labeled set plus searches of labeled/query points in the background index.
-    Each row keeps the top-``k`` of its merged candidates, so with exact (Flat) search this equals
-    :func:`build_graph` on ``[labeled; background]`` with ``out=queries``.
+    ``build="union"`` (default): the graph of all core points ``[labeled; background]``, as
+    :func:`build_graph` would build it. When the index is exact (Flat) it is assembled from
+    blocks -- the background's own lists (``W_BB``, from ``cache``) merged with exact searches
+    against the small labeled set -- which gives the same lists; when it is approximate (IVF)
+    one index over all core points is built (in content order) and cached whole, with the
+    queries' lists: tasks holding the same items (a semi-supervised split, where each task labels
+    other items of the same pool) share it. ``build="block"``: Douze et al.'s offline/online
+    split with any index: ``W_BB`` from an index over the background alone (built once per
+    background and cached), the labeled and query points searched in it online -- for a fixed
+    background and changing labeled sets. Either way a graph depends on the items only, never on
+    whether a cache held it.
     """
+    if build not in BUILDS:
+        raise ValueError(f"build must be one of {BUILDS}, not {build!r}")
     xl = prepare_vectors(labeled, metric)
     inner = "ip" if metric == "cosine" else metric
     n_l = xl.shape[0]
     xq = prepare_vectors(queries, metric) if queries is not None and len(queries) else None
     has_bg = background is not None and len(background) > 0
-    lab_idx = KnnIndex(xl, metric=inner, index="flat", device=device)
     if not has_bg:
+        lab_idx = KnnIndex(xl, metric=inner, index="flat", device=device)
         core = lab_idx.search_self(k)
         out = lab_idx.search(xq, k) if xq is not None else None
         return graph_from_neighbors(core, out, weight=weight, temperature=temperature)
     assert background is not None
-    bb, bg_idx = background_index(
-        background,
+    xb = prepare_vectors(background, metric)
+    n_u = n_l + xb.shape[0]
+    kind = index if index != "auto" else choose_index(n_u, n_u)
+    if build == "union" and kind != "flat":
+        opts = {"metric": inner, "nprobe": nprobe, "nlist": nlist, "device": device, "seed": seed}
+        return _union_graph(
+            np.concatenate([xl, xb]),
+            xq,
+            k=k,
+            metric=metric,
+            index=kind,
+            opts=opts,
+            weight=weight,
+            temperature=temperature,
+            cache=cache,
+        )
+    lab_idx = KnnIndex(xl, metric=inner, index="flat", device=device)
+    bb, bg_idx, order = background_index(
+        xb,
         k=k,
-        metric=metric,
-        index=index,
+        metric=inner,
+        index=kind,
         nprobe=nprobe,
         nlist=nlist,
         device=device,
         seed=seed,
         cache=cache,
     )
-    xb = bg_idx.xb
-    rows_l = merge_neighbors([lab_idx.search_self(k), bg_idx.search(xl, k).shifted(n_l)], k)
+
+    def in_background(x: np.ndarray) -> Neighbors:
+        return _from_canonical(bg_idx.search(x, k), order, None).shifted(n_l)
+
+    rows_l = merge_neighbors([lab_idx.search_self(k), in_background(xl)], k)
     rows_b = merge_neighbors([bb.shifted(n_l), lab_idx.search(xb, k)], k)
     core = Neighbors(
         np.concatenate([rows_l.indices, rows_b.indices]), np.concatenate([rows_l.sims, rows_b.sims])
     )
     out = None
     if xq is not None:
-        out = merge_neighbors([lab_idx.search(xq, k), bg_idx.search(xq, k).shifted(n_l)], k)
+        out = merge_neighbors([lab_idx.search(xq, k), in_background(xq)], k)
     return graph_from_neighbors(core, out, weight=weight, temperature=temperature)

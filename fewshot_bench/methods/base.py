@@ -78,6 +78,11 @@ class Method:
     #: ``True``: ``fit`` refines the method but is not needed; on a protocol without base classes
     #: (no ``[dataset] fit_split``) the runner skips it instead of refusing the method.
     fit_optional: ClassVar[bool] = False
+    #: ``True``: the scorer :meth:`fit_task` returns scores each query row on its own (a fixed
+    #: function once adapted, so ``scorer(Q)[i] == scorer(Q[i:i+1])``). For a built-in method
+    #: the runner then sends a task's queries in one request instead of one per round trip; a
+    #: plugin's claim is not taken (its queries still come one at a time).
+    rowwise_scorer: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

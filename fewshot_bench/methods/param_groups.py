@@ -51,7 +51,18 @@ GRAPH: Schema = grouped(
             kind=None,
             choices=("auto", True, False),
         ),
-        "graph_cache": Param(True, "cache kNN graphs of large unlabeled pools on disk"),
+        "graph_cache": Param(
+            True,
+            "keep kNN graphs of large pools (in memory; on disk under $FSBENCH_CACHE/graphs) for "
+            "the next task holding the same items; a graph never depends on whether it was cached",
+        ),
+        "graph_build": Param(
+            "union",
+            "union: one kNN graph over support + pool (shared by tasks that label other items of "
+            "the same pool); block: Douze et al.'s offline graph of the pool alone, the support "
+            "and queries searched in it online (shared by tasks with the same pool)",
+            choices=("union", "block"),
+        ),
         "support_check": Param(
             True,
             "with >= 2 shots per class, keep the graph's answer (diffusion, spectral) only if it "

@@ -231,6 +231,7 @@ class GraphPropagation(PropagationMethod):
             device=ctx.device,
             seed=0,  # the graph depends on the data only, so tasks share a cached background graph
             cache=default_cache() if use_cache else None,
+            build=p["graph_build"],
         )
 
     def _task_graph(
@@ -554,6 +555,7 @@ class NNPropagation(PropagationMethod):
     (inductive) eq. 5 classifier.
     """
 
+    rowwise_scorer = True
     schema = {
         "normalize": NORMALIZE,
         "vote_temperature": Param(
@@ -644,6 +646,7 @@ class PropagationClassifier(PropagationMethod):
     support. Queries are scored by the classifier one at a time (they never enter the graph).
     """
 
+    rowwise_scorer = True
     schema = {**PROPAGATOR, **LOGREG}
 
     def __init__(self, **params: Any) -> None:

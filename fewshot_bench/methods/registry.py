@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
@@ -38,6 +39,17 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 def _load_builtin() -> None:
     import fewshot_bench.methods.builtin  # noqa: F401  (registers on import)
+
+
+def builtin_method(name: str) -> type[Method] | None:
+    """The built-in class registered as ``name`` (``None``: not a built-in method). Entry-point
+    plugins are not loaded, and a class defined outside the package does not count."""
+    _load_builtin()
+    cls = _REGISTRY.get(name)
+    if cls is None or not cls.__module__.startswith("fewshot_bench.methods."):
+        return None
+    module = sys.modules.get(cls.__module__)
+    return cls if getattr(module, cls.__qualname__, None) is cls else None
 
 
 def _load_plugins() -> None:

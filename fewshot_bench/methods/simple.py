@@ -58,12 +58,17 @@ class NearestPrototype(Method):
 
     consumes = "features"
     setting = "inductive"
+    rowwise_scorer = True
     schema = {"normalize": NORMALIZE}
 
     def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:
         f = feature_transform(task, self.params["normalize"], ctx.device)
         protos = class_means(f(task.support), task.support_labels.to(ctx.device).long(), task.n_way)
-        return lambda query: -torch.cdist(f(query), protos).pow(2)
+        # the direct (not matrix-product) distance: each row's score is then the same whether
+        # queries come one at a time or together (see Method.rowwise_scorer)
+        return lambda query: (
+            -torch.cdist(f(query), protos, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+        )
 
 
 @register_method("logistic-regression")
@@ -81,6 +86,7 @@ class LogisticRegression(Method):
 
     consumes = "features"
     setting = "inductive"
+    rowwise_scorer = True
     schema = {
         "normalize": NORMALIZE,
         "l2": Param(1e-3, "L2 penalty on the weights", low=0),

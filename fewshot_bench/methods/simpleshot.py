@@ -168,6 +168,7 @@ class SimpleShot(BaseCentred):
     """
 
     setting = "inductive"
+    rowwise_scorer = True
     schema = {"centre": CENTRE}
 
     def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:

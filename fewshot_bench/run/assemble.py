@@ -117,6 +117,21 @@ def keyed_order(items: torch.Tensor, key: bytes, block: int = 4096) -> np.ndarra
     return np.lexsort((rng.permutation(n), h)).astype(np.int64)
 
 
+def queries_at_once(name: str, origin: str) -> bool:
+    """Whether a non-transductive method's queries may go to its worker in one request: only a
+    built-in method (found by name among the package's own classes, not a plugin's ``origin``)
+    whose class declares :attr:`~fewshot_bench.methods.base.Method.rowwise_scorer`.
+
+    The decision is made here, in the runner, from the package's own registry: a plugin runs in
+    the worker and could claim anything there."""
+    if origin:
+        return False
+    from fewshot_bench.methods.registry import builtin_method
+
+    cls = builtin_method(name)
+    return cls is not None and bool(cls.__dict__.get("rowwise_scorer", False))
+
+
 def score_task(
     scores: torch.Tensor, truth: TaskTruth, n_way: int, method: str, top5: bool
 ) -> tuple[float, float | None]:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from fewshot_bench.errors import FsbenchError
+from fewshot_bench.run.assemble import queries_at_once
 from fewshot_bench.run.worker import MethodSpec
 from fewshot_bench.tasks.task import Task
 
@@ -151,7 +152,9 @@ def deliver(
     Transductive methods get whole tasks in one request. The others first get the tasks
     without queries (``fit``), then one query per task per ``score`` request, each sent after
     the previous answer came back: a query is scored before the method sees the next, so no
-    method can use its queries jointly, whatever code it runs in its worker."""
+    method can use its queries jointly, whatever code it runs in its worker. A built-in method
+    whose scorer is row-wise (:func:`~fewshot_bench.run.assemble.queries_at_once`) gets each
+    task's queries in one request instead: its scores are the same either way."""
     setting = handle.info["setting"]
     if setting == "transductive":
         meta, blobs = call("predict", handle.hid, tasks, seeds, handle.device)
@@ -162,15 +165,17 @@ def deliver(
     call("fit", key, [given_task(t, setting) for t in tasks], seeds, handle.device)
     rows: list[list[torch.Tensor]] = [[] for _ in tasks]
     n_query = [int(t.query.shape[0]) for t in tasks]
+    step = max(n_query, default=0) if queries_at_once(handle.spec.name, handle.spec.origin) else 1
     try:
-        for r in range(max(n_query, default=0)):
+        for r in range(0, max(n_query, default=0), max(step, 1)):
             live = [i for i, n in enumerate(n_query) if r < n]
-            meta, blobs = call("score", key, [(i, tasks[i].query[r : r + 1]) for i in live])
+            meta, blobs = call("score", key, [(i, tasks[i].query[r : r + step]) for i in live])
             for i, s in zip(live, decode_scores(meta, blobs), strict=True):
-                if s.shape != (1, tasks[i].n_way):
+                expected = (min(step, n_query[i] - r), tasks[i].n_way)
+                if tuple(s.shape) != expected:
                     raise MethodError(
-                        f"method {handle.name!r} scored one query with shape {tuple(s.shape)}; "
-                        f"expected (1, {tasks[i].n_way})"
+                        f"method {handle.name!r} scored {expected[0]} queries with shape "
+                        f"{tuple(s.shape)}; expected {expected}"
                     )
                 rows[i].append(s)
     except BaseException:
