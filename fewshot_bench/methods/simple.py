@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_bench.methods.base import Method, Scorer, TaskContext
+from fewshot_bench.methods.batching import same_shape_groups
 from fewshot_bench.methods.param_groups import NORMALIZE
 from fewshot_bench.methods.params import Param
 from fewshot_bench.methods.registry import register_method
@@ -61,14 +62,26 @@ class NearestPrototype(Method):
     rowwise_scorer = True
     schema = {"normalize": NORMALIZE}
 
-    def fit_task(self, task: Task, ctx: TaskContext) -> Scorer:
-        f = feature_transform(task, self.params["normalize"], ctx.device)
-        protos = class_means(f(task.support), task.support_labels.to(ctx.device).long(), task.n_way)
-        # the direct (not matrix-product) distance: each row's score is then the same whether
-        # queries come one at a time or together (see Method.rowwise_scorer)
-        return lambda query: (
-            -torch.cdist(f(query), protos, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
-        )
+    def fit_tasks(self, tasks: list[Task], ctxs: list[TaskContext]) -> list[Scorer]:
+        """Prototypes of same-shaped tasks in one batched product (each task's own means)."""
+        out: list[Scorer | None] = [None] * len(tasks)
+        for idx in same_shape_groups(tasks, ctxs):
+            device, n_way = ctxs[idx[0]].device, tasks[idx[0]].n_way
+            fs = [feature_transform(tasks[i], self.params["normalize"], device) for i in idx]
+            sup = torch.stack([f(tasks[i].support) for f, i in zip(fs, idx, strict=True)])
+            y = torch.stack([tasks[i].support_labels for i in idx]).to(device).long()
+            protos = class_means(sup, y, n_way)
+            for f, i, p in zip(fs, idx, protos, strict=True):
+                out[i] = _prototype_scorer(f, p)
+        return out  # type: ignore[return-value]
+
+
+def _prototype_scorer(f: Callable[[torch.Tensor], torch.Tensor], protos: torch.Tensor) -> Scorer:
+    # the direct (not matrix-product) distance: each row's score is then the same whether
+    # queries come one at a time or together (see Method.rowwise_scorer)
+    return lambda query: (
+        -torch.cdist(f(query), protos, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+    )
 
 
 @register_method("logistic-regression")

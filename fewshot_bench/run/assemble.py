@@ -59,11 +59,19 @@ def assemble_task(
 ) -> AssembledTask:
     """Gather task ``task_index`` of ``seed`` from the pool tensor in a seeded random order."""
     key = hashlib.blake2b(f"{seed}|{task_index}|{stream}".encode(), digest_size=32).digest()
+    # numpy gathers: a torch index of a few rows costs milliseconds of thread start-up, which
+    # dominated runs of many small episodes
+    pool = data.numpy() if data.device.type == "cpu" else None
 
     def take(rows: np.ndarray, role: bytes) -> tuple[torch.Tensor, np.ndarray]:
-        items = data[torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))]
-        perm = keyed_order(items, key + role)
-        return items[torch.from_numpy(perm)], perm
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if pool is None:
+            items = data[torch.from_numpy(rows)]
+            perm = keyed_order(items, key + role)
+            return items[torch.from_numpy(perm)], perm
+        items_np = pool[rows]
+        perm = keyed_order(torch.from_numpy(items_np), key + role)
+        return torch.from_numpy(items_np[perm]), perm
 
     support, perm_s = take(idx.support, b"s")
     unlabeled, perm_u = take(idx.unlabeled, b"u")

@@ -147,6 +147,17 @@ def describe(method: Any, cls: type, spec: MethodSpec) -> dict[str, Any]:
     }
 
 
+def small_tasks(tasks: list, device: str) -> bool:
+    """Whether every task is small enough (items) to run single-threaded on the CPU: a method's
+    many tiny torch calls on two threads cost more in OpenMP start-up than they compute."""
+    from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES
+
+    return torch.device(device).type == "cpu" and all(
+        t.n_support + int(t.unlabeled.shape[0]) + int(t.query.shape[0]) <= SMALL_PROBLEM_NODES
+        for t in tasks
+    )
+
+
 #: The answer to ``score`` for a chunk this worker never adapted to (it was restarted since).
 LOST_CHUNK = "the worker lost this chunk's adapted state (it was restarted); run the chunk again"
 
@@ -236,7 +247,10 @@ class Worker:
         method = self.methods[hid]
         moved = [t.to(device) for t in tasks]
         ctxs = [TaskContext.create(s, device) for s in seeds]
-        outputs = list(getattr(method, what)(moved, ctxs))
+        from fewshot_bench.graph.threads import few_threads
+
+        with few_threads(small_tasks(tasks, device)):
+            outputs = list(getattr(method, what)(moved, ctxs))
         if len(outputs) != len(tasks):
             raise FsbenchError(
                 f"method {method.name!r}: {what} returned {len(outputs)} outputs for {len(tasks)} tasks"
@@ -255,7 +269,7 @@ class Worker:
         """Inductive and semi-supervised methods: adapt method ``key[0]`` to tasks that carry no
         queries; the scorers wait under ``key`` for ``score`` requests."""
         scorers = self._run(key[0], tasks, seeds, device, "fit_tasks")
-        self.scorers[tuple(key)] = (scorers, device)
+        self.scorers[tuple(key)] = (scorers, device, small_tasks(tasks, device))
         return {"ok": True}, []
 
     def op_score(
@@ -264,8 +278,11 @@ class Worker:
         """Scores of one query per listed task (``(task slot, query [1, ...])``)."""
         if tuple(key) not in self.scorers:
             raise FsbenchError(LOST_CHUNK)
-        scorers, device = self.scorers[tuple(key)]
-        return score_blobs([scorers[slot](query.to(device)) for slot, query in rows])
+        from fewshot_bench.graph.threads import few_threads
+
+        scorers, device, small = self.scorers[tuple(key)]
+        with few_threads(small):
+            return score_blobs([scorers[slot](query.to(device)) for slot, query in rows])
 
     def op_drop(self, key: tuple[int, int]) -> tuple[dict, list[bytes]]:
         self.scorers.pop(tuple(key), None)
