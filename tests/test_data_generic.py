@@ -17,6 +17,7 @@ from fewshot_bench.data import (
     DatasetInfo,
     LabeledData,
     available_datasets,
+    base,
     data_root,
     download_and_verify,
     download_dataset,
@@ -37,6 +38,8 @@ NAMES = {
     "mini-imagenet",
     "imagefolder",
     "features",
+    "imagenet",
+    "imagenet-features",
 }
 
 
@@ -56,6 +59,67 @@ def test_available_datasets() -> None:
         "trainval",
     )
     assert LabeledData is not None
+
+
+def _old_fingerprint(d: LabeledData) -> str:
+    """The whole-array formula that stored manifests were made with."""
+    h = hashlib.sha256()
+    h.update(f"{d.name}|{d.split}|{d.kind}|{tuple(d.data.shape)}".encode())
+    h.update("\n".join(d.class_names).encode())
+    h.update(d.labels.tobytes())
+    h.update(d.data.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("block_bytes", [1, 40, 100, 64 << 20])
+def test_fingerprint_blockwise_equals_whole_array(
+    block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base, "FINGERPRINT_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(0)
+    labels = np.arange(7) % 3
+    feats = torch.randn(7, 5, generator=g)
+    images = torch.randint(0, 256, (7, 3, 4, 2), generator=g, dtype=torch.uint8)
+    cases = [
+        LabeledData("f", "s", labels, ["a", "b", "c"], features=feats),
+        LabeledData("f", "s", labels, ["a", "b", "c"], features=feats.half()),
+        LabeledData("f", "s", labels, ["a", "b", "c"], features=torch.randn(5, 7, generator=g).t()),
+        LabeledData("i", "s", labels, ["a", "b", "c"], images=images),
+        LabeledData("i", "s", labels, ["a", "b", "c"], images=images.permute(0, 1, 3, 2)),
+        LabeledData("e", "s", labels[:0], ["a"], features=torch.zeros(0, 5)),
+        LabeledData("z", "s", labels, ["a", "b", "c"], features=torch.zeros(7, 0)),
+    ]
+    assert not cases[2].features.is_contiguous() and not cases[4].images.is_contiguous()
+    digests = [d.fingerprint() for d in cases]
+    assert digests == [_old_fingerprint(d) for d in cases]
+    assert len(set(digests)) == len(digests)
+
+
+def test_feature_problem_blockwise_matches_whole_array() -> None:
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(50, 4, generator=g)
+    assert all(base.feature_problem(feats, chunk=c) is None for c in (1, 7, 65536))
+    bad = feats.clone()
+    bad[[3, 9, 10, 22, 30, 41, 49], 1] = torch.tensor([float("nan"), float("inf")] * 3 + [0.0])
+    bad[49, 2] = -float("inf")
+    msgs = {base.feature_problem(bad, chunk=c) for c in (1, 4, 7, 11, 50, 65536)}
+    assert msgs == {"contain NaN or inf (first bad rows [3, 9, 10, 22, 30])"}
+    few = feats.clone()
+    few[[12, 47], 0] = float("nan")
+    assert {base.feature_problem(few, chunk=c) for c in (5, 65536)} == {
+        "contain NaN or inf (first bad rows [12, 47])"
+    }
+    huge = feats.clone()
+    huge[33] = 3e38
+    msgs = {base.feature_problem(huge, chunk=c) for c in (1, 8, 65536)}
+    (msg,) = msgs
+    assert msg.startswith("are too large for float32 arithmetic: row 33 has squared L2 norm")
+    assert "largest |value| 3e+38, 4 dims" in msg
+    half = feats.half()
+    half[20, 3] = float("nan")
+    assert base.feature_problem(half, chunk=3) == "contain NaN or inf (first bad rows [20])"
+    assert base.feature_problem(torch.zeros(0, 4)) is None
+    assert base.feature_problem(torch.zeros(3, 0)) is None
 
 
 def test_names_and_aliases() -> None:

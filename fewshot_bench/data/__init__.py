@@ -12,7 +12,14 @@ import inspect
 import os
 from pathlib import Path
 
-from fewshot_bench.data import cifar, folder, miniimagenet, mnist, omniglot  # noqa: F401 (register)
+from fewshot_bench.data import (  # noqa: F401 (register)
+    cifar,
+    folder,
+    imagenet,
+    miniimagenet,
+    mnist,
+    omniglot,
+)
 from fewshot_bench.data.base import LabeledData, cache_root, data_root
 from fewshot_bench.data.download import download_and_verify, verify_file
 from fewshot_bench.data.registry import DatasetInfo, all_infos, check_split, get_info

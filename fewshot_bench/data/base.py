@@ -18,6 +18,8 @@ CACHE_ENV = "FSBENCH_CACHE"
 #: The largest squared L2 norm a feature row may have: a squared distance between two rows (up
 #: to 4x the larger squared norm) must still be finite in float32.
 MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
+#: Bytes of pixels/features hashed at a time by ``LabeledData.fingerprint``.
+FINGERPRINT_BLOCK_BYTES = 64 << 20
 
 
 def feature_problem(features: torch.Tensor, chunk: int = 65536) -> str | None:
@@ -25,15 +27,25 @@ def feature_problem(features: torch.Tensor, chunk: int = 65536) -> str | None:
 
     Unusable: NaN or inf entries, or a row whose squared L2 norm exceeds ``MAX_SQUARED_NORM``
     (e.g. values near 3e38: finite in float32, but their squared norms and distances are inf,
-    so every distance-based method would score at chance)."""
-    finite = torch.isfinite(features)
-    if not bool(finite.all()):
-        bad = (~finite).reshape(len(features), -1).any(dim=1).nonzero().flatten()[:5].tolist()
-        return f"contain NaN or inf (first bad rows {bad})"
+    so every distance-based method would score at chance). Reads ``chunk`` rows at a time, so a
+    memory-mapped array needs no whole-array temporaries."""
     if features.numel() == 0:
         return None
     flat = features.reshape(len(features), -1)
-    largest = float(flat.abs().max())
+    bad: list[int] = []
+    largest = 0.0
+    for start in range(0, len(flat), chunk):
+        block = flat[start : start + chunk]
+        finite = torch.isfinite(block)
+        if not bool(finite.all()):
+            rows = (~finite).any(dim=1).nonzero().flatten()[: 5 - len(bad)]
+            bad.extend((rows + start).tolist())
+            if len(bad) == 5:
+                break
+        elif not bad:
+            largest = max(largest, float(block.abs().max()))
+    if bad:
+        return f"contain NaN or inf (first bad rows {bad})"
     dim = flat.shape[1]
     if largest * largest * dim <= MAX_SQUARED_NORM:  # bound on every squared norm
         return None
@@ -49,6 +61,17 @@ def feature_problem(features: torch.Tensor, chunk: int = 65536) -> str | None:
                 "distance-based score is at chance level"
             )
     return None
+
+
+def _hash_rows(h: hashlib._Hash, data: torch.Tensor, block_bytes: int) -> None:
+    """Feed ``data``'s bytes in C order to ``h``, one contiguous block of rows at a time."""
+    if data.numel() == 0:
+        return
+    row_bytes = data[0].numel() * data.element_size()
+    rows = max(1, block_bytes // row_bytes)
+    for start in range(0, len(data), rows):
+        block = data[start : start + rows].contiguous()  # a view unless data is strided
+        h.update(memoryview(block.numpy().reshape(-1).view(np.uint8)))
 
 
 @dataclass
@@ -122,13 +145,16 @@ class LabeledData:
         return self.images if self.images is not None else self.features
 
     def fingerprint(self) -> str:
-        """SHA-256 over class names, labels and pixel/feature bytes: changes when any of them does."""
+        """SHA-256 over class names, labels and pixel/feature bytes: changes when any of them does.
+
+        The bytes are read block by block (no copy of a memory-mapped array); the digest is that
+        of the whole C-order byte string."""
         if "fingerprint" not in self.meta:
             h = hashlib.sha256()
             h.update(f"{self.name}|{self.split}|{self.kind}|{tuple(self.data.shape)}".encode())
             h.update("\n".join(self.class_names).encode())
             h.update(self.labels.tobytes())
-            h.update(self.data.contiguous().numpy().tobytes())
+            _hash_rows(h, self.data, FINGERPRINT_BLOCK_BYTES)
             self.meta["fingerprint"] = h.hexdigest()
         return self.meta["fingerprint"]
 

@@ -152,13 +152,102 @@ def _read_strings(path: Path) -> list[str]:
     return [str(x) for x in np.load(path, allow_pickle=False).tolist()]
 
 
+#: How float16 feature files are held: converted to float32 once (default) or kept float16.
+FLOAT16_MODES = ("convert", "keep")
+#: Rows converted and checked at a time (bounds the extra memory of a conversion).
+CHUNK_ROWS = 65536
+
+
+def open_feature_array(file: Path, name: str) -> np.ndarray:
+    """A ``.npy`` feature matrix ``[N, D]``, memory-mapped (copy-on-write: the file is never
+    written), checked to hold numbers. Raises InputDataError naming the file and the fix."""
+    try:
+        arr = np.load(file, mmap_mode="c", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputDataError(
+            f"{name}: cannot read {file}: {exc}; rewrite it with numpy.save "
+            "(a plain numeric array, no pickled objects)"
+        ) from exc
+    if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
+        raise InputDataError(
+            f"{name}: {file} holds {arr.dtype} features; expected float16, float32 or float64 "
+            "(save them with features.astype('float32') or 'float16')"
+        )
+    if arr.ndim != 2:
+        raise InputDataError(
+            f"{name}: {file} holds an array of shape {arr.shape}; features must be 2-D [N, D] "
+            "(one row per item)"
+        )
+    return arr
+
+
+def read_label_array(file: Path, n_rows: int, name: str, features_file: Path) -> np.ndarray:
+    """Labels ``[N]`` from a ``.npy`` file, which must have one entry per feature row."""
+    try:
+        labels = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputDataError(
+            f"{name}: cannot read {file}: {exc}; rewrite it with numpy.save (integers, no pickles)"
+        ) from exc
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != n_rows:
+        raise InputDataError(
+            f"{name}: {features_file} has {n_rows} feature rows but {file} has {len(labels)} "
+            "labels; the files are mismatched or truncated (regenerate them together)"
+        )
+    return labels
+
+
+def _bad_rows(chunk: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+
+
+def feature_tensor(
+    arr: np.ndarray, *, name: str, source: Path | str, float16: str = "convert"
+) -> torch.Tensor:
+    """``arr`` ``[N, D]`` as a feature tensor, checked block by block for NaN/inf rows.
+
+    float32 arrays are wrapped without a copy (a memory-mapped file stays mapped); float16 arrays
+    become float32 (``float16="convert"``) or stay float16 (``"keep"``: half the memory; tasks
+    then hold float16); other numeric types become float32. Raises InputDataError naming the
+    first bad rows."""
+    if float16 not in FLOAT16_MODES:
+        raise ProtocolError(
+            f"{name}: float16 must be one of {', '.join(FLOAT16_MODES)}, got {float16!r}"
+        )
+    keep = arr.dtype == np.float32 or (arr.dtype == np.float16 and float16 == "keep")
+    out = arr if keep else np.empty(arr.shape, dtype=np.float32)
+    for start in range(0, len(arr), CHUNK_ROWS):
+        chunk = np.asarray(arr[start : start + CHUNK_ROWS])
+        if chunk.dtype.kind == "f":
+            bad = _bad_rows(chunk)
+            if len(bad):
+                rows = (bad[:5] + start).tolist()
+                raise InputDataError(
+                    f"{name}: features of {source} contain NaN or inf (first bad rows {rows}); "
+                    "recompute the features of those items or drop their rows (and labels)"
+                )
+        if not keep:
+            out[start : start + CHUNK_ROWS] = chunk
+    if not out.flags.writeable:  # torch wants a writable buffer; a private copy keeps the file
+        out = np.array(out)
+    return torch.from_numpy(out)
+
+
 def load_features(
-    root: Path, split: str, image_size: int | None, *, path: str | os.PathLike | None = None
+    root: Path,
+    split: str,
+    image_size: int | None,
+    *,
+    path: str | os.PathLike | None = None,
+    float16: str = "convert",
 ) -> LabeledData:
     """Precomputed features ``[N, D]`` with labels, from an .npz or a features.npy + labels.npy pair.
 
     Split ``"all"`` reads ``features``/``labels``; any other split ``s`` reads ``s_features`` /
     ``s_labels`` from the .npz. Without ``class_names`` the distinct labels become the classes.
+    A ``.npy`` file is memory-mapped (float32 is used in place); float16 is converted to float32
+    block by block, or kept with ``float16="keep"``.
     """
     if path is None:
         raise ProtocolError(f"features needs the option path=<file>; {FEATURES_HOW}")
@@ -166,8 +255,24 @@ def load_features(
         raise ProtocolError("features: image_size does not apply to precomputed features")
     file = require_path(resolve_user_path(path, root), "features", FEATURES_HOW)
     names = item_ids = None
-    try:
-        if file.suffix == ".npz":
+    if file.suffix != ".npz":
+        if split != "all":
+            raise ProtocolError(f"features: a .npy pair has only the split 'all', not {split!r}")
+        lab = require_path(file.parent / "labels.npy", "features", FEATURES_HOW)
+        feats = open_feature_array(file, "features")
+        labels = read_label_array(lab, len(feats), "features", file)
+        try:
+            if (cn := _sidecar(file.parent, "class_names")) is not None:
+                names = _read_strings(cn)
+            if (ids := _sidecar(file.parent, "item_ids")) is not None:
+                item_ids = _read_strings(ids)
+        except (ValueError, OSError) as exc:
+            raise InputDataError(
+                f"features: cannot read the class names or item ids beside {file}: {exc}; "
+                "write them as text (one per line) or numpy.save a string array"
+            ) from exc
+    else:
+        try:
             z = np.load(file, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise InputDataError(
@@ -190,30 +295,18 @@ def load_features(
                     names = [str(x) for x in z["class_names"].tolist()]
                 if f"{pre}item_ids" in keys:
                     item_ids = [str(x) for x in z[f"{pre}item_ids"].tolist()]
-        else:
-            if split != "all":
-                raise ProtocolError(
-                    f"features: a .npy pair has only the split 'all', not {split!r}"
-                )
-            lab = require_path(file.parent / "labels.npy", "features", FEATURES_HOW)
-            feats = np.load(file, allow_pickle=False)
-            labels = np.load(lab, allow_pickle=False)
-            if (cn := _sidecar(file.parent, "class_names")) is not None:
-                names = _read_strings(cn)
-            if (ids := _sidecar(file.parent, "item_ids")) is not None:
-                item_ids = _read_strings(ids)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputDataError(
-            f"features: cannot read {file}: {exc}; rewrite it with numpy.save / numpy.savez "
-            "(plain numeric arrays, no pickled objects)"
-        ) from exc
-    if feats.dtype.kind not in "fiub":
-        raise InputDataError(f"features: {file} holds {feats.dtype} features, expected numbers")
-    labels = np.asarray(labels).reshape(-1)
-    if len(labels) != len(feats):
-        raise InputDataError(
-            f"features: {file} has {len(feats)} feature rows but {len(labels)} labels"
-        )
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputDataError(
+                f"features: cannot read {file}: {exc}; rewrite it with numpy.save / numpy.savez "
+                "(plain numeric arrays, no pickled objects)"
+            ) from exc
+        if feats.dtype.kind not in "fiub":
+            raise InputDataError(f"features: {file} holds {feats.dtype} features, expected numbers")
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(feats):
+            raise InputDataError(
+                f"features: {file} has {len(feats)} feature rows but {len(labels)} labels"
+            )
     if names is None:
         uniq, labels = np.unique(labels, return_inverse=True)
         names = [str(x) for x in uniq.tolist()]
@@ -221,12 +314,14 @@ def load_features(
         raise InputDataError(
             f"features: {file} has class_names, so labels must be integer indices into them"
         )
+    if feats.ndim != 2:
+        raise InputDataError(f"features: {file} holds shape {feats.shape}; expected [N, D]")
     return LabeledData(
         name="features",
         split=split,
         labels=labels.reshape(-1),
         class_names=names,
-        features=torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
+        features=feature_tensor(feats, name="features", source=file, float16=float16),
         item_ids=item_ids if item_ids is not None else [f"{split}/{i}" for i in range(len(labels))],
         meta={"source": str(file)},
     )
