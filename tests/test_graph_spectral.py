@@ -112,29 +112,42 @@ def _reference_eq6(adj: sp.csr_matrix, eta: int) -> tuple[np.ndarray, np.ndarray
 
 
 @pytest.mark.parametrize(
-    ("n", "solver"),
+    ("n", "solver", "tail_relax"),
     [
-        (40, "auto"),  # n < η: dense
-        (40, "chebyshev"),
-        (40, "arpack"),
-        (ETA, "auto"),  # n = η: dense, all n - 1 non-trivial pairs
-        (ETA, "chebyshev"),
-        (400, "auto"),  # η < n: dense, the η - 1 smallest non-trivial pairs only
-        (1797, "auto"),  # n >> η (all of digits): the sparse Chebyshev solver
+        (40, "auto", 10.0),  # n < η: dense
+        (40, "chebyshev", 10.0),
+        (40, "arpack", 10.0),
+        (ETA, "auto", 10.0),  # n = η: dense, all n - 1 non-trivial pairs
+        (ETA, "chebyshev", 10.0),
+        (400, "auto", 10.0),  # η < n: dense, the η - 1 smallest non-trivial pairs only
+        (1797, "auto", 10.0),  # n >> η (all of digits): the sparse Chebyshev solver, η-aware tol
+        (1797, "chebyshev", 1.0),  # the same with one tolerance for every pair
     ],
 )
-def test_eq6_metric_matches_dense_reference(digits_x: np.ndarray, n: int, solver: str) -> None:
+def test_eq6_metric_matches_dense_reference(
+    digits_x: np.ndarray, n: int, solver: str, tail_relax: float
+) -> None:
     rng = np.random.default_rng(n)
     x = digits_x if n == len(digits_x) else digits_x[rng.choice(len(digits_x), n, replace=False)]
     adj = build_graph(x, k=10, index="flat").adjacency
     lam, vec, e1 = _reference_eq6(adj, ETA)
-    emb = spectral_embedding(adj, ETA, solver=solver, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    emb = spectral_embedding(adj, ETA, solver=solver, tail_relax=tail_relax, generator=gen)
     m = min(ETA, n) - 1
     assert emb.vectors.shape == (n, m)
     v = emb.vectors.double().numpy()
     # e_1 is not in the kept subspace (it was, with overlap 1.0, before the fix)
     assert np.linalg.norm(v.T @ e1) < 1e-4
-    np.testing.assert_allclose(emb.laplacian_eigvals.double().numpy(), lam, atol=1e-5)
+    # chebyshev loosens pair j's residual tolerance (1e-3) by f_j = min(tail_relax,
+    # sqrt(λ_j / λ_2)), and a Ritz value lies within its residual of the eigenvalue; one
+    # tolerance for all pairs (or dense) keeps every eigenvalue within 1e-5
+    sparse = solver == "chebyshev" or (solver == "auto" and n > 1000)
+    relaxed = sparse and tail_relax > 1
+    atol = 1e-3 * np.clip(np.sqrt(lam / lam[0]), 1.0, tail_relax) if relaxed else 1e-5
+    err = np.abs(emb.laplacian_eigvals.double().numpy() - lam)
+    assert (err <= atol).all(), (err / atol).max()
+    if relaxed:  # the pairs eq. 6 weighs most are as exact as with one tolerance
+        assert err[: m // 4].max() < 1e-5
     if n <= ETA:  # all non-trivial pairs: the kept subspace is exactly e_1's complement
         proj = v @ v.T
         np.testing.assert_allclose(proj, np.eye(n) - np.outer(e1, e1), atol=1e-5)

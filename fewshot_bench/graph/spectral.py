@@ -18,8 +18,11 @@ out the last useful pair ``j = η``.)
 - ``chebyshev``: Chebyshev-filtered subspace iteration (block size η + buffer, polynomial
   filter damping ``[-1, cut]``, Rayleigh-Ritz) on ``P S P`` with ``P = I - e_1 e_1ᵀ``; the block
   is re-projected onto ``e_1^⊥`` after every filter, so ``e_1`` can never enter the Ritz basis
-  (a shift would not do here: the filter *amplifies* anything below ``-1``). All in torch, so
-  it runs on CUDA too.
+  (a shift would not do here: the filter *amplifies* anything below ``-1``). Converged leading
+  pairs are locked (no longer filtered), the tolerance is η-aware (looser for the pairs eq. 6
+  weighs least, see :func:`_chebyshev_subspace`), and the graph is renumbered in reverse
+  Cuthill-McKee order so that the sparse products, which dominate, run from cache. All in
+  torch, so it runs on CUDA too. About 4-5 CPU s at 50k nodes x 30 neighbours, η = 200.
 - ``arpack``: ``scipy.sparse.linalg.eigsh`` (``which="LA"``) on ``S - 3 e_1 e_1ᵀ``, for reference.
 
 Disconnected graphs: ``λ = 0`` then has multiplicity ``c`` (the number of components). Only
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 from fewshot_bench.graph.build import Graph, to_torch_csr
 from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES, few_threads
@@ -87,8 +91,13 @@ def normalized_adjacency(a: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
 #: ``S - TRIVIAL_SHIFT e_1 e_1ᵀ`` moves the trivial pair from ``μ = 1`` to ``μ = -2``, strictly
 #: below the spectrum ``[-1, 1]`` of ``S`` (dense and ARPACK solvers).
 TRIVIAL_SHIFT = 3.0
-#: Largest ``|<e_1, x_i>|`` tolerated in a Chebyshev block before it is re-projected.
+#: Largest ``|<b, x_i>|`` (``b``: ``e_1`` or a locked eigenvector) tolerated in a Chebyshev
+#: block before it is re-projected.
 LEAK_TOL = 1e-5
+#: Columns per sparse product on CPU: a ``[n, 32]`` float32 block keeps the gathered rows in
+#: cache (measured at 50k nodes x 47 edges in locality order: 0.4 ms per column by 32-column
+#: blocks, 0.7-0.9 ms as one 240-column product).
+SPMM_COLUMNS = 32
 
 
 def spectral_embedding(
@@ -98,8 +107,9 @@ def spectral_embedding(
     solver: str = "auto",
     tol: float = 1e-3,
     max_iter: int = 60,
-    degree: int = 12,
+    degree: int = 10,
     buffer: int | None = None,
+    tail_relax: float = 10.0,
     lambda_floor: float = 1e-6,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
@@ -110,8 +120,12 @@ def spectral_embedding(
     which keeps eigenvectors 2..200 of the 200 smallest), so ``min(η, n) - 1`` pairs come back,
     never the trivial ``e_1 ∝ D^{1/2} 1`` (see the module docstring, also for disconnected
     graphs). ``adjacency`` must be symmetric. ``tol`` bounds each returned eigenpair's residual
-    ``||S e - μ e||`` (chebyshev, arpack); ``dense`` is exact to float64 rounding of float32 ``S``.
-    ``solver="auto"``: dense up to 1000 nodes or when the block would exceed a third of them.
+    ``||S e - μ e||`` (arpack), and for chebyshev that of the leading pairs, loosened for pair
+    ``j`` by ``min(tail_relax, sqrt(λ_j / λ_2))`` since eq. 6 weighs ``e_j`` by ``1/sqrt(λ_j)``
+    in the embedding (``tail_relax=1``: the same ``tol`` for all); ``dense`` is exact to float64
+    rounding of float32 ``S``. ``degree``, ``buffer`` and ``max_iter``: chebyshev's filter
+    degree, extra block columns and iteration cap. ``solver="auto"``: dense up to 1000 nodes or
+    when the block would exceed a third of them, else chebyshev.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, not {solver!r}")
@@ -124,7 +138,7 @@ def spectral_embedding(
         return SpectralEmbedding(
             torch.zeros(0, device=device), torch.zeros(n, 0, device=device), lambda_floor
         )
-    p = m + (buffer if buffer is not None else max(20, m // 5))
+    p = m + (buffer if buffer is not None else max(20, m // 10))
     if solver == "auto":
         solver = "dense" if n <= 1000 or p > n // 3 else "chebyshev"
     if solver == "dense":
@@ -148,13 +162,46 @@ def spectral_embedding(
             torch.from_numpy(vec[:, order].astype(np.float32)).to(device),
             lambda_floor,
         )
+    order = locality_order(s)  # same eigenpairs, rows permuted: cache-friendly products
+    s = s[order][:, order].tocsr()
     st = to_torch_csr(s.indptr, s.indices, s.data, s.shape, device)
-    v0 = torch.from_numpy(e1.astype(np.float32)).to(device)
+    v0 = torch.from_numpy(e1[order].astype(np.float32)).to(device)
     with few_threads(device.type == "cpu" and n <= SMALL_PROBLEM_NODES):
         mu, vec = _chebyshev_subspace(
-            st, v0, m, min(p, n - 1), degree=degree, tol=tol, max_iter=max_iter, generator=generator
+            st,
+            v0,
+            m,
+            min(p, n - 1),
+            degree=degree,
+            tol=tol,
+            tail_relax=tail_relax,
+            max_iter=max_iter,
+            lambda_floor=lambda_floor,
+            generator=generator,
         )
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(n)
+    vec = vec[torch.from_numpy(inverse).to(device)]  # back to the caller's node order
     return SpectralEmbedding(mu, vec, lambda_floor)
+
+
+def locality_order(s: sp.csr_matrix) -> np.ndarray:
+    """A node order in which graph neighbours sit close together (reverse Cuthill-McKee).
+
+    In that order the rows a sparse product gathers for one output row lie near each other in
+    memory, so they stay in cache: 2-3x faster products on a 50k-node kNN graph.
+    """
+    return reverse_cuthill_mckee(s, symmetric_mode=True).astype(np.int64)
+
+
+def _spmm(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``s @ x``, on CPU by blocks of :data:`SPMM_COLUMNS` columns (the gathered rows fit in cache)."""
+    if s.device.type != "cpu" or x.shape[1] <= SPMM_COLUMNS:
+        return s @ x
+    out = torch.empty(s.shape[0], x.shape[1], dtype=x.dtype)
+    for i in range(0, x.shape[1], SPMM_COLUMNS):
+        torch.mm(s, x[:, i : i + SPMM_COLUMNS], out=out[:, i : i + SPMM_COLUMNS])
+    return out
 
 
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
@@ -168,6 +215,29 @@ def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _chebyshev_filter(
+    s: torch.Tensor, x: torch.Tensor, v0: torch.Tensor, lo: float, cut: float, degree: int
+) -> torch.Tensor:
+    """``T_degree`` of ``P s P`` (``P = I - v0 v0ᵀ``) mapped so that ``[lo, cut]`` is damped to
+    ``[-1, 1]`` and the spectrum above ``cut`` amplified, applied to ``x`` (scaled recurrence of
+    Zhou & Saad 2007, which keeps the block's norm near 1)."""
+
+    def op(z: torch.Tensor) -> torch.Tensor:  # P s P z, for z already in v0^⊥
+        w = _spmm(s, z)
+        return w.addr_(v0, v0 @ w, alpha=-1.0)
+
+    e = (cut - lo) / 2
+    c = (cut + lo) / 2
+    sigma1 = e / (1.0 - c)  # recurrence scaling (not the σ of eq. 5 voting)
+    sigma = sigma1
+    y = op(x).sub_(x, alpha=c).mul_(sigma1 / e)
+    for _ in range(2, degree + 1):
+        s_new = 1.0 / (2.0 / sigma1 - sigma)
+        y_new = op(y).sub_(y, alpha=c).mul_(2 * s_new / e).sub_(x, alpha=sigma * s_new)
+        x, y, sigma = y, y_new, s_new
+    return y
+
+
 def _chebyshev_subspace(
     s: torch.Tensor,
     v0: torch.Tensor,
@@ -176,58 +246,72 @@ def _chebyshev_subspace(
     *,
     degree: int,
     tol: float,
+    tail_relax: float,
     max_iter: int,
+    lambda_floor: float,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``m`` eigenpairs of ``s`` restricted to ``v0^⊥`` (``p ≤ n - 1`` block columns).
 
-    ``s`` has its spectrum in ``[-1, 1]`` and ``v0`` (unit) is its top eigenvector. The
-    operator is ``P s P`` with ``P = I - v0 v0ᵀ``, and the block is projected onto ``v0^⊥``
+    ``s`` has its spectrum in ``[-1, 1]`` and ``v0`` (unit) is its top eigenvector. The filter
+    works on ``P s P`` with ``P = I - v0 v0ᵀ``, and the block is projected onto ``v0^⊥``
     before every orthonormalisation, so the Ritz vectors span a subspace of ``v0^⊥`` (up to
     float32 rounding): ``v0`` cannot be returned whatever the spectrum (its ``P s P``
     eigenvalue 0 may well lie above the damped interval on small or strongly clustered graphs).
+
+    Pair ``j`` is accepted once ``||P_L s e_j - μ_j e_j|| < tol · min(tail_relax, sqrt(λ_j /
+    λ_2))`` (``λ = 1 - μ``; ``P_L`` also projects out the pairs locked before it, see below):
+    eq. 6 scales embedding column ``j`` by ``1/sqrt(λ_j)``, so an error in ``e_j`` weighs
+    ``sqrt(λ_2 / λ_j)`` times less than the same error in ``e_2``. Accepted leading pairs are
+    locked: kept as they are, projected out of the block, and no longer filtered, so later
+    iterations only work on the pairs still missing (plus the buffer).
     """
     n = s.shape[0]
     dev = s.device
+    basis = v0[:, None]  # v0, then the locked eigenvectors: the block stays orthogonal to them
 
-    def proj(x: torch.Tensor) -> torch.Tensor:
-        return x.sub_(torch.outer(v0, v0 @ x))
+    def proj(z: torch.Tensor) -> torch.Tensor:
+        return z.sub_(basis @ (basis.T @ z))
 
-    def op(x: torch.Tensor) -> torch.Tensor:  # P s P x, for x already in v0^⊥
-        return proj(s @ x)
-
-    x = torch.randn(n, p, generator=generator).to(dev)
-    x = _orthonormalize(proj(x))
+    x = _orthonormalize(proj(torch.randn(n, p, generator=generator).to(dev)))
     lo, cut = -1.0, 0.5  # unwanted interval [lo, cut], refined from the Ritz values
+    locked: list[torch.Tensor] = []
+    lam2: float | None = None
     mu = torch.zeros(p, device=dev)
     for _ in range(max_iter):
-        e = (cut - lo) / 2
-        c = (cut + lo) / 2
-        sigma1 = e / (1.0 - c)  # Chebyshev recurrence scaling (not the σ of eq. 5 voting)
-        sigma = sigma1
-        y = op(x).sub_(x, alpha=c).mul_(sigma1 / e)
-        for _ in range(2, degree + 1):
-            s_new = 1.0 / (2.0 / sigma1 - sigma)
-            y_new = op(y).sub_(y, alpha=c).mul_(2 * s_new / e).sub_(x, alpha=sigma * s_new)
-            x, y, sigma = y, y_new, s_new
-        x = _orthonormalize(proj(y))
-        # orthonormalising an ill-conditioned block scales its rounding-level v0 component by
-        # up to cond(y) (measured 1e-3 with p = n - 1 on 200 nodes): project once more then
-        if float((v0 @ x).abs().max()) > LEAK_TOL:
+        x = _orthonormalize(proj(_chebyshev_filter(s, x, v0, lo, cut, degree)))
+        # orthonormalising an ill-conditioned block scales its rounding-level components along
+        # `basis` by up to cond(y) (measured 1e-3 with p = n - 1 on 200 nodes): project again
+        if float((basis.T @ x).abs().max()) > LEAK_TOL:
             x = _orthonormalize(proj(x))
-        sx = op(x)
+        # P s P: residuals w.r.t. the deflated operator; against s itself they would include
+        # the coupling r_lᵀ x to each locked pair's own residual r_l, which can exceed the
+        # tolerance of the pairs left (measured: one pair stuck for 58 iterations at 70k nodes)
+        sx = proj(_spmm(s, x))
         h = (x.T @ sx).double()
         h = (h + h.T) / 2
         mu64, rot = torch.linalg.eigh(h)
         mu = mu64.flip(0).to(x.dtype)
         rot = rot.flip(1).to(x.dtype)
         x = x @ rot
-        sx = sx @ rot
-        res = (sx - x * mu).norm(dim=0)
+        res = (sx @ rot - x * mu).norm(dim=0)
         cut = float(mu[-1])
-        if float(res[:m].max()) < tol:
+        need = m - (basis.shape[1] - 1)
+        lam = (1.0 - mu[:need].double()).clamp_min(lambda_floor)
+        lam2 = float(lam[0]) if lam2 is None else lam2
+        limit = tol * (lam / lam2).sqrt().clamp(1.0, max(1.0, tail_relax))
+        ok = (res[:need].double() < limit).int()
+        k = need if bool(ok.all()) else int(torch.argmin(ok))  # accepted leading pairs
+        if k:
+            basis = torch.cat([basis, x[:, :k]], 1)
+            locked.append(mu[:k])
+            x = x[:, k:].contiguous()
+            mu = mu[k:]
+        if basis.shape[1] - 1 == m:
             break
-    return mu[:m].contiguous(), x[:, :m].contiguous()
+    need = m - (basis.shape[1] - 1)  # > 0 only if max_iter ran out: the best pairs so far
+    vectors = torch.cat([basis[:, 1:], x[:, :need]], 1)
+    return torch.cat([*locked, mu[:need]]).contiguous(), vectors.contiguous()
 
 
 def extend_to_out_nodes(
