@@ -20,6 +20,7 @@ import os
 import warnings
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -392,6 +393,40 @@ def _cached_search(
     return nb, state, kind
 
 
+def _content_ordered_lists(
+    x: np.ndarray,
+    *,
+    k: int,
+    index: str,
+    opts: dict[str, Any],
+    cache: BackgroundGraphCache | None,
+    **key_params: object,
+) -> tuple[Neighbors, Callable[[], KnnIndex], np.ndarray, str | None]:
+    """The kNN lists of ``x`` computed on its points in content order (:func:`canonical_order`),
+    so one cache entry serves every order the same points come in. Returns the lists in ``x``'s
+    order, a function giving an index over the content-ordered points (the one just built, or
+    rebuilt from the cached state), the order (an index search's ids map back as ``order[ids]``)
+    and the cache key."""
+    order, digest = canonical_order(x)
+    xc = np.ascontiguousarray(x[order])
+    built: list[KnnIndex] = []
+
+    def compute() -> tuple[Neighbors, dict[str, np.ndarray], str]:
+        idx = KnnIndex(xc, index=index, **opts)
+        built.append(idx)
+        return idx.search_self(k), idx.state(), idx.kind
+
+    key = None if cache is None else cache.key(digest, k=k, index=index, **key_params)
+    nb, state, kind = _cached_search(cache, key, compute)
+
+    def index_over_points() -> KnnIndex:
+        if not built:
+            built.append(KnnIndex(xc, index=kind, state=state or None, **opts))
+        return built[0]
+
+    return _from_canonical(nb, order, _inverse(order)), index_over_points, order, key
+
+
 def background_index(
     background: np.ndarray | torch.Tensor,
     *,
@@ -405,29 +440,16 @@ def background_index(
     cache: BackgroundGraphCache | None = None,
 ) -> tuple[Neighbors, KnnIndex, np.ndarray]:
     """``W_BB`` kNN lists of the background set, a searchable index over it and ``order``: the
-    index holds the background in content order (:func:`canonical_order`), so one cached graph
-    serves every order a task lists the same background in. The lists are in the caller's order;
-    ids an index search returns are mapped back with ``order[ids]``."""
+    index holds the background in content order, so one cached graph serves every order a task
+    lists the same background in. The lists are in the caller's order; ids an index search
+    returns are mapped back with ``order[ids]``."""
     xb = prepare_vectors(background, metric)
-    order, digest = canonical_order(xb)
-    xc = np.ascontiguousarray(xb[order])
     inner = "ip" if metric == "cosine" else metric  # xb is already normalised
     opts = {"metric": inner, "nprobe": nprobe, "nlist": nlist, "device": device, "seed": seed}
-    built: list[KnnIndex] = []
-
-    def compute() -> tuple[Neighbors, dict[str, np.ndarray], str]:
-        idx = KnnIndex(xc, index=index, **opts)
-        built.append(idx)
-        return idx.search_self(k), idx.state(), idx.kind
-
-    key = None
-    if cache is not None:
-        key = cache.key(
-            digest, k=k, metric=metric, index=index, nprobe=nprobe, nlist=nlist, seed=seed
-        )
-    nb, state, kind = _cached_search(cache, key, compute)
-    idx = built[0] if built else KnnIndex(xc, index=kind, state=state or None, **opts)
-    return _from_canonical(nb, order, _inverse(order)), idx, order
+    nb, index_over, order, _ = _content_ordered_lists(
+        xb, k=k, index=index, opts=opts, cache=cache, metric=metric, **opts_key(opts)
+    )
+    return nb, index_over(), order
 
 
 def _union_graph(
@@ -444,27 +466,15 @@ def _union_graph(
 ) -> Graph:
     """One kNN graph over all core points ``xu`` (in content order, so that tasks holding the same
     items share it from ``cache``), and the out-only rows of ``xq``, whose lists are cached too."""
-    order, digest = canonical_order(xu)
-    xc = np.ascontiguousarray(xu[order])
-    built: list[KnnIndex] = []
-
-    def compute() -> tuple[Neighbors, dict[str, np.ndarray], str]:
-        idx = KnnIndex(xc, index=index, **opts)
-        built.append(idx)
-        return idx.search_self(k), idx.state(), idx.kind
-
-    key = None
-    if cache is not None:
-        key = cache.key(digest, k=k, metric=metric, index=index, build="union", **opts_key(opts))
-    nb, state, kind = _cached_search(cache, key, compute)
-    core = _from_canonical(nb, order, _inverse(order))
+    core, index_over, order, key = _content_ordered_lists(
+        xu, k=k, index=index, opts=opts, cache=cache, metric=metric, build="union", **opts_key(opts)
+    )
     out = None
     if xq is not None:
         q_order, q_digest = canonical_order(xq)
 
         def search_queries() -> tuple[Neighbors, dict[str, np.ndarray], str]:
-            idx = built[0] if built else KnnIndex(xc, index=kind, state=state or None, **opts)
-            return idx.search(np.ascontiguousarray(xq[q_order]), k), {}, "queries"
+            return index_over().search(np.ascontiguousarray(xq[q_order]), k), {}, "queries"
 
         q_key = None if key is None else cache.key(q_digest, of=key)  # type: ignore[union-attr]
         qn, _, _ = _cached_search(cache, q_key, search_queries)
