@@ -87,7 +87,7 @@ def main_episodes(args: argparse.Namespace) -> int:
         work = Path(tmp)
         proto = load_protocol_file(write_protocol(work, args, backbone))[0]
         pool = load_pool(proto, args.data_root)
-        load_task_sets(proto, pool, work, None)  # the manifest, before the clock
+        load_task_sets(proto, pool, work, None, progress=False)  # the manifest, before the clock
         print(
             f"{proto.name}: {args.tasks} episodes, backbone {backbone}, "
             f"cores {len(os.sched_getaffinity(0))}, load avg {os.getloadavg()[0]:.2f}"

@@ -344,7 +344,9 @@ def _prepare(
         )
     backbone = backbone or protocol.run["backbone"]
     pool = pool or load_pool(protocol, root)
-    task_sets: dict[int, Manifest] = load_task_sets(protocol, pool, Path(workdir), seeds)
+    task_sets: dict[int, Manifest] = load_task_sets(
+        protocol, pool, Path(workdir), seeds, progress=progress
+    )
     n_tasks = {
         seed: m.n_tasks if max_tasks is None else min(max_tasks, m.n_tasks)
         for seed, m in task_sets.items()

@@ -464,8 +464,11 @@ def imported_manifest_path(workdir: Path | str, protocol: Protocol) -> Path:
     return inside(manifest_dir(workdir, protocol), IMPORTED_NAME)
 
 
-def get_manifest(protocol: Protocol, pool: Pool, seed: int, workdir: Path | str) -> Manifest:
-    """Load the sampled manifest for (protocol, seed), materialising it on first use.
+def get_manifest(
+    protocol: Protocol, pool: Pool, seed: int, workdir: Path | str, *, progress: bool = True
+) -> Manifest:
+    """Load the sampled manifest for (protocol, seed), materialising it on first use (with a
+    progress bar for long samplings unless ``progress`` is false).
 
     A stored one is read (content hash, layout), checked against protocol and data and
     re-derived (``check_manifest``). Ignores an imported task set: see ``load_task_sets``."""
@@ -480,7 +483,7 @@ def get_manifest(protocol: Protocol, pool: Pool, seed: int, workdir: Path | str)
             )
         check_manifest(manifest, protocol, pool, path, seed=seed)
         return manifest
-    manifest = build_manifest(protocol, pool, seed)
+    manifest = build_manifest(protocol, pool, seed, progress=progress)
     save_manifest(manifest, path)
     return manifest
 
@@ -500,7 +503,12 @@ def load_imported(protocol: Protocol, pool: Pool, workdir: Path | str) -> Manife
 
 
 def load_task_sets(
-    protocol: Protocol, pool: Pool, workdir: Path | str, seeds: list[int] | None
+    protocol: Protocol,
+    pool: Pool,
+    workdir: Path | str,
+    seeds: list[int] | None,
+    *,
+    progress: bool = True,
 ) -> dict[int, Manifest]:
     """The protocol's task sets in ``workdir``, keyed by seed: the one entry point for the runner.
 
@@ -518,4 +526,6 @@ def load_task_sets(
             )
         return {0: load_imported(protocol, pool, workdir)}
     chosen = list(dict.fromkeys(protocol.run["seeds"] if not seeds else seeds))
-    return {int(s): get_manifest(protocol, pool, int(s), workdir) for s in chosen}
+    return {
+        int(s): get_manifest(protocol, pool, int(s), workdir, progress=progress) for s in chosen
+    }
