@@ -37,6 +37,7 @@ from fewshot_bench.graph.knn import (
     merge_neighbors,
     prepare_vectors,
 )
+from fewshot_bench.rowhash import row_hashes
 
 WEIGHTS = ("binary", "exp")
 CACHE_VERSION = "2"
@@ -224,14 +225,6 @@ def default_cache_dir() -> Path | None:
     return None
 
 
-def features_digest(x: np.ndarray) -> str:
-    """A content hash of a float32 feature matrix (shape included)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(x.shape).encode())
-    h.update(np.ascontiguousarray(x).view(np.uint8).data)
-    return h.hexdigest()
-
-
 class BackgroundGraphCache:
     """Background kNN lists (``W_BB``) + index state, in memory (last few) and optionally on disk.
 
@@ -310,45 +303,9 @@ def default_cache() -> BackgroundGraphCache:
 
 BUILDS = ("union", "block")
 
-#: Fixed multipliers of :func:`row_hashes`: cache keys must agree across processes and runs.
+#: Seed of the multipliers of :func:`canonical_order`'s row hashes: cache keys must agree
+#: across processes and runs.
 _ROW_HASH_SEED = 0x5EED_F5B
-
-
-def row_hashes(x: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Two 64-bit content hashes per row, ``[n, 2]`` uint64: a row's hashes depend on its bytes
-    only, so a set of rows has the same hashes in any order (see :func:`canonical_order`)."""
-    n = int(x.shape[0])
-    raw = np.ascontiguousarray(x).reshape(n, -1).view(np.uint8)
-    pad = (-raw.shape[1]) % 8
-    if pad:
-        raw = np.concatenate([raw, np.zeros((n, pad), dtype=np.uint8)], axis=1)
-    words = np.ascontiguousarray(raw).view("<u8")
-    rng = np.random.default_rng(_ROW_HASH_SEED)
-    mult = rng.integers(0, 2**63, size=(words.shape[1], 2), dtype=np.uint64) * np.uint64(2)
-    mult += np.uint64(1)
-    with np.errstate(over="ignore"):
-        h = (
-            np.concatenate(
-                [
-                    np.stack(
-                        [
-                            (words[i : i + block] * mult[:, j]).sum(1, dtype=np.uint64)
-                            for j in (0, 1)
-                        ],
-                        1,
-                    )
-                    for i in range(0, n, block)
-                ]
-            )
-            if n
-            else np.zeros((0, 2), np.uint64)
-        )
-        h ^= h >> np.uint64(30)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(27)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
-    return h
 
 
 def canonical_order(x: np.ndarray) -> tuple[np.ndarray, str]:
@@ -357,7 +314,7 @@ def canonical_order(x: np.ndarray) -> tuple[np.ndarray, str]:
     Two tasks holding the same items in different orders get the same digest and, after the
     permutation, the same matrix: a graph built on it is shared between them and does not
     depend on the order a task lists its items in."""
-    h = row_hashes(x)
+    h = row_hashes(x, np.random.default_rng(_ROW_HASH_SEED), n_hashes=2)
     order = np.lexsort((h[:, 1], h[:, 0])).astype(np.int64)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{x.shape}|{x.dtype}".encode())
@@ -408,11 +365,10 @@ def _content_ordered_lists(
     rebuilt from the cached state), the order (an index search's ids map back as ``order[ids]``)
     and the cache key."""
     order, digest = canonical_order(x)
-    xc = np.ascontiguousarray(x[order])
     built: list[KnnIndex] = []
 
     def compute() -> tuple[Neighbors, dict[str, np.ndarray], str]:
-        idx = KnnIndex(xc, index=index, **opts)
+        idx = KnnIndex(np.ascontiguousarray(x[order]), index=index, **opts)
         built.append(idx)
         return idx.search_self(k), idx.state(), idx.kind
 
@@ -420,7 +376,9 @@ def _content_ordered_lists(
     nb, state, kind = _cached_search(cache, key, compute)
 
     def index_over_points() -> KnnIndex:
+        # on a cache hit the points are reordered (a copy of the pool) only if a search needs them
         if not built:
+            xc = np.ascontiguousarray(x[order])
             built.append(KnnIndex(xc, index=kind, state=state or None, **opts))
         return built[0]
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fewshot_bench.errors import FsbenchError
+from fewshot_bench.rowhash import row_hashes
 from fewshot_bench.tasks.task import Task, TaskIndices, TaskTruth
 
 #: Random streams of one task: 1 is the method's own seed (``task_seed``), 2 the item order
@@ -59,19 +60,14 @@ def assemble_task(
 ) -> AssembledTask:
     """Gather task ``task_index`` of ``seed`` from the pool tensor in a seeded random order."""
     key = hashlib.blake2b(f"{seed}|{task_index}|{stream}".encode(), digest_size=32).digest()
-    # numpy gathers: a torch index of a few rows costs milliseconds of thread start-up, which
-    # dominated runs of many small episodes
-    pool = data.numpy() if data.device.type == "cpu" else None
+    # numpy gathers (pool tensors live on the CPU): a torch index of a few rows costs
+    # milliseconds of thread start-up, which dominated runs of many small episodes
+    pool = data.numpy()
 
     def take(rows: np.ndarray, role: bytes) -> tuple[torch.Tensor, np.ndarray]:
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        if pool is None:
-            items = data[torch.from_numpy(rows)]
-            perm = keyed_order(items, key + role)
-            return items[torch.from_numpy(perm)], perm
-        items_np = pool[rows]
-        perm = keyed_order(torch.from_numpy(items_np), key + role)
-        return torch.from_numpy(items_np[perm]), perm
+        items = pool[np.ascontiguousarray(rows, dtype=np.int64)]
+        perm = keyed_order(torch.from_numpy(items), key + role)
+        return torch.from_numpy(items[perm]), perm
 
     support, perm_s = take(idx.support, b"s")
     unlabeled, perm_u = take(idx.unlabeled, b"u")
@@ -93,7 +89,7 @@ def assemble_task(
     return AssembledTask(task=task, truth=shuffled, query_order=perm_q)
 
 
-def keyed_order(items: torch.Tensor, key: bytes, block: int = 4096) -> np.ndarray:
+def keyed_order(items: torch.Tensor, key: bytes) -> np.ndarray:
     """The permutation that sorts ``items`` (rows) by a keyed hash of their bytes.
 
     Each row's bytes, read as 64-bit words, are combined with odd multipliers drawn from ``key``
@@ -102,26 +98,10 @@ def keyed_order(items: torch.Tensor, key: bytes, block: int = 4096) -> np.ndarra
     n = int(items.shape[0])
     if n < 2:
         return np.arange(n, dtype=np.int64)
-    raw = items.detach().cpu().contiguous().reshape(n, -1).numpy().view(np.uint8).reshape(n, -1)
-    pad = (-raw.shape[1]) % 8
-    if pad:
-        raw = np.concatenate([raw, np.zeros((n, pad), dtype=np.uint8)], axis=1)
-    words = np.ascontiguousarray(raw).view("<u8")
     rng = np.random.default_rng(
         int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
     )
-    mult = rng.integers(0, 2**63, size=words.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(
-        1
-    )
-    with np.errstate(over="ignore"):
-        h = np.concatenate(
-            [(words[i : i + block] * mult).sum(axis=1, dtype=np.uint64) for i in range(0, n, block)]
-        )
-        h ^= h >> np.uint64(30)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(27)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
+    h = row_hashes(items.detach().cpu().contiguous().numpy(), rng)[:, 0]
     return np.lexsort((rng.permutation(n), h)).astype(np.int64)
 
 
