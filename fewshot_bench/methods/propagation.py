@@ -167,8 +167,7 @@ class PropagationMethod(Method):
         return 1.0 / float(self.params["vote_temperature"])
 
     def _few_threads(self, task: Task, ctx: TaskContext) -> Any:
-        n = task.n_support + int(task.unlabeled.shape[0]) + int(task.query.shape[0])
-        return few_threads(ctx.device.type == "cpu" and n <= SMALL_PROBLEM_NODES)
+        return few_threads(ctx.device.type == "cpu" and task.n_items <= SMALL_PROBLEM_NODES)
 
 
 class GraphPropagation(PropagationMethod):

@@ -159,11 +159,8 @@ def predict_grouped(
     ``[n, n]`` entries), single-threaded for small CPU graphs; refuses graphs beyond
     :data:`DENSE_MAX_NODES` items; scores in task order."""
 
-    def nodes(task: Task) -> int:
-        return task.n_support + int(task.unlabeled.shape[0]) + int(task.query.shape[0])
-
     def solve(group: list[Task], device: torch.device) -> list[torch.Tensor]:
-        n = nodes(group[0])
+        n = group[0].n_items
         if n > DENSE_MAX_NODES:
             raise ProtocolError(
                 f"this method builds a dense {n} x {n} graph per task (support + unlabeled pool "
@@ -174,7 +171,7 @@ def predict_grouped(
         with few_threads(device.type == "cpu" and n <= SMALL_PROBLEM_NODES):
             return predict(group, device)
 
-    return predict_by_shape(tasks, ctxs, solve, chunk=lambda t: CHUNK_ENTRIES // nodes(t) ** 2)
+    return predict_by_shape(tasks, ctxs, solve, chunk=lambda t: CHUNK_ENTRIES // t.n_items**2)
 
 
 #: Largest task (support + pool + queries) the dense-graph methods take: a dense float64 graph

@@ -153,8 +153,7 @@ def small_tasks(tasks: list, device: str) -> bool:
     from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES
 
     return torch.device(device).type == "cpu" and all(
-        t.n_support + int(t.unlabeled.shape[0]) + int(t.query.shape[0]) <= SMALL_PROBLEM_NODES
-        for t in tasks
+        t.n_items <= SMALL_PROBLEM_NODES for t in tasks
     )
 
 
@@ -275,7 +274,8 @@ class Worker:
     def op_score(
         self, key: tuple[int, int], rows: list[tuple[int, Any]]
     ) -> tuple[dict, list[bytes]]:
-        """Scores of one query per listed task (``(task slot, query [1, ...])``)."""
+        """Scores of the queries listed per task (``(task slot, queries [m, ...])``: one query,
+        or all of a task's queries for a row-wise built-in scorer)."""
         if tuple(key) not in self.scorers:
             raise FsbenchError(LOST_CHUNK)
         from fewshot_bench.graph.threads import few_threads

@@ -53,6 +53,11 @@ class Task:
     def n_support(self) -> int:
         return int(self.support.shape[0])
 
+    @property
+    def n_items(self) -> int:
+        """Support, unlabeled and query items together (a task's size)."""
+        return self.n_support + int(self.unlabeled.shape[0]) + int(self.query.shape[0])
+
     def to(self, device: torch.device | str) -> Task:
         return Task(
             self.support.to(device),
