@@ -209,3 +209,38 @@ def test_without_the_sandbox_the_forger_would_win(omniglot_5w, tmp_path, monkeyp
         ex.close()
     df = load_results(tmp_path / "runs" / "results.sqlite")
     assert (df.accuracy == 1.0).sum() >= 30  # forged rows took the place of real ones
+
+
+@pytest.mark.skipif(landlock_abi() < 1, reason="the kernel offers no Landlock sandbox")
+def test_a_confined_worker_caches_pool_graphs_privately(tmp_path):
+    """With a disk cache configured, a confined worker still builds and caches the kNN graph of a
+    large pool (in its private folder), and writes nothing into the shared cache."""
+    import torch
+
+    from fewshot_bench.methods.propagation import CACHE_MIN_NODES
+    from fewshot_bench.run.executor import deliver
+    from fewshot_bench.tasks.task import Task
+
+    g = torch.Generator().manual_seed(0)
+    centres = 4 * torch.randn(3, 8, generator=g)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % 3
+        return centres[labels] + torch.randn(n, 8, generator=g), labels
+
+    support, support_labels = draw(6)
+    unlabeled, _ = draw(CACHE_MIN_NODES)
+    query, query_labels = draw(30)
+    task = Task(support, support_labels, unlabeled, query, n_way=3, kind="features")
+    shared = tmp_path / "cache"
+    ex = ProcessExecutor(env={"FSBENCH_CACHE": str(shared), "OMP_NUM_THREADS": "1"})
+    try:
+        assert ex.sandbox and "landlock" in ex.sandbox
+        handle = ex.open(MethodSpec("diffusion", {}), "cpu")
+        scores, _ = deliver(ex._call, handle, [task, task], [0, 1])
+        ex.release(handle)
+    finally:
+        ex.close()
+    for s in scores:
+        assert (s.argmax(1) == query_labels).float().mean() > 0.9
+    assert not (shared / "graphs").exists()

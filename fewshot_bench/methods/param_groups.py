@@ -53,8 +53,9 @@ GRAPH: Schema = grouped(
         ),
         "graph_cache": Param(
             True,
-            "keep kNN graphs of large pools (in memory; on disk under $FSBENCH_CACHE/graphs) for "
-            "the next task holding the same items; a graph never depends on whether it was cached",
+            "keep kNN graphs of large pools for the next task holding the same items (in the "
+            "worker's memory, and its private folder when $FSBENCH_CACHE is set); a graph never "
+            "depends on whether it was cached",
         ),
         "graph_build": Param(
             "union",

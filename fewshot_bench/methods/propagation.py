@@ -46,8 +46,9 @@ k = 10 linked every node mostly to other classes; Douze et al. use 30 at ImageNe
 ``k=30`` there); graphs with fewer than :data:`MIN_NODES_PER_CLASS` core nodes per class are
 not built (the queries get the support's eq. 5 vote on the features);
 cosine similarity on L2-normalised features, exact search up to ~14k points, IVF beyond, and
-background sets of ≥ 20k points cached (``$FSBENCH_GRAPH_CACHE`` or ``$FSBENCH_CACHE/graphs``
-on disk, the last two in memory) so tasks sharing an unlabeled pool build ``W_BB`` once.
+background sets of ≥ 20k points cached (the last six in memory, and on disk under
+:func:`~fewshot_bench.graph.build.default_cache_dir`, which a confined worker points at its private
+folder) so tasks sharing an unlabeled pool build ``W_BB`` once.
 Small CPU tasks (≤ 5000 nodes) run single-threaded, which is faster for episode-sized work.
 
 Other methods can reuse the propagation through :func:`pseudo_label_unlabeled` (top-k most

@@ -334,8 +334,9 @@ SANDBOX: str | None = None
 
 
 def confine() -> str | None:
-    """Give this worker a private temporary folder and, where the kernel allows, confine its
-    writes to it (``FSBENCH_SANDBOX=0`` turns this off, e.g. to debug a method)."""
+    """Give this worker a private temporary folder (its kNN-graph cache, when one is configured)
+    and, where the kernel allows, confine its writes to it (``FSBENCH_SANDBOX=0`` turns this off,
+    e.g. to debug a method)."""
     from fewshot_bench.run.sandbox import confine_writes
 
     private = tempfile.mkdtemp(prefix="fsbench-worker-")
@@ -343,7 +344,24 @@ def confine() -> str | None:
     atexit.register(shutil.rmtree, private, True)
     if os.environ.get("FSBENCH_SANDBOX", "1") == "0":
         return None
+    if os.environ.get("FSBENCH_GRAPH_CACHE") or os.environ.get("FSBENCH_CACHE"):
+        # kNN graphs a method builds are kept for the tasks this worker serves, never in the
+        # shared cache, where a plugin could plant lists that a later run would read
+        os.environ["FSBENCH_GRAPH_CACHE"] = os.path.join(private, "graphs")
+    init_cuda_driver()
     return confine_writes([private, "/dev"])
+
+
+def init_cuda_driver() -> None:
+    """Start the CUDA driver before the sandbox closes, on a machine with an NVIDIA device: a
+    confined process cannot start it (``cudaGetDeviceCount`` fails with error 304, "OS call
+    failed"), while a started driver keeps working under the confinement. A no-op elsewhere."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return
+    try:
+        torch.cuda.init()
+    except Exception:  # noqa: BLE001 - no usable GPU: a CUDA run then fails with torch's message
+        pass
 
 
 def main(argv: list[str]) -> int:
