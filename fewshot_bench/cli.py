@@ -494,18 +494,67 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             f"{len(args.protocol)} protocols given: name their group page with --name, e.g. "
             f"`fsbench leaderboard {' '.join(args.protocol)} --name NAME` (writes NAME.md/.csv/.tex)"
         )
-    _output_folder("--out", args.out)
+    args.html = getattr(args, "html", None)  # callers that build the Namespace may omit it
+    if args.out is None and args.html is None:
+        args.out = Path("leaderboards")  # --html alone writes only the site
+    if args.out is not None:
+        _output_folder("--out", args.out)
+    if args.html is not None:
+        _output_folder("--html", args.html)
     # Everything comes from the store (read-only): names are the protocols and families its
     # rows record, never looked up in protocol files.
     df = _stored_results(store, args.protocol)
     fam_of = _known_families(df)
-    try:
-        paths = _write_pages(args, df, fam_of)
-    except OSError as exc:
-        raise _cannot_write("--out folder", exc) from None
+    paths: list[Path] = []
+    if args.out is not None:
+        try:
+            paths += _write_pages(args, df, fam_of)
+        except OSError as exc:
+            raise _cannot_write("--out folder", exc) from None
+    if args.html is not None:
+        try:
+            paths += _write_site(args, df, fam_of)
+        except OSError as exc:
+            raise _cannot_write("--html folder", exc) from None
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _group_names(args: argparse.Namespace, df, fam_of: dict[str, str]) -> list[str]:
+    """The columns of a --name group page: the names given in order, families expanded in
+    place by budget; a name without results stays (an empty column, "No results yet")."""
+    from fewshot_bench.report import family_protocols
+
+    names: list[str] = []
+    for spec in args.protocol:
+        if spec in fam_of:
+            names.append(spec)
+        elif spec in set(fam_of.values()):
+            names += family_protocols(df, spec)
+        else:
+            names.append(spec)
+    return list(dict.fromkeys(names))
+
+
+def _write_site(args: argparse.Namespace, df, fam_of: dict[str, str]) -> list[Path]:
+    """The static HTML site of the selected rows, written under ``args.html``: the boards
+    `fsbench leaderboard` would write as Markdown, an index.html and the assets."""
+    from fewshot_bench.report.cards import reported_by_protocol
+    from fewshot_bench.report.site import board_for, boards_for_all, group_board, write_site
+
+    if args.name:
+        boards = [group_board(_group_names(args, df, fam_of), args.name)]
+    elif args.all:
+        boards = boards_for_all(df)
+    else:
+        spec = args.protocol[0]
+        if spec in fam_of:  # a protocol name first, then a family name (as `fsbench run`)
+            df = df[df["protocol"] == spec]
+        boards = [board_for(df, spec)]
+    protocols = sorted({p for b in boards for p in b.protocols})
+    reported = reported_by_protocol(protocols, with_ci=True)
+    return write_site(df, args.html, boards, reported)
 
 
 def _write_pages(args: argparse.Namespace, df, fam_of: dict[str, str]) -> list[Path]:
@@ -522,15 +571,7 @@ def _write_pages(args: argparse.Namespace, df, fam_of: dict[str, str]) -> list[P
     if args.name:
         # a group page: one column per protocol in the order given (families expand in place,
         # by budget); a name without results is an empty column ("No results yet")
-        names: list[str] = []
-        for spec in args.protocol:
-            if spec in fam_of:
-                names.append(spec)
-            elif spec in set(fam_of.values()):
-                names += family_protocols(df, spec)
-            else:
-                names.append(spec)
-        names = list(dict.fromkeys(names))
+        names = _group_names(args, df, fam_of)
         reported = reported_by_protocol(names, with_ci=True)
         paths = write_group(df, names, args.name, args.out, reported)
     elif args.all:
@@ -786,8 +827,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("leaderboards"),
-        help="output folder, created if missing (default: leaderboards/)",
+        default=None,
+        help="output folder of the Markdown/CSV/LaTeX pages, created if missing (default: "
+        "leaderboards/, unless --html is given)",
+    )
+    p.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a static HTML site of the same boards into DIR instead of the Markdown "
+        "pages (give --out as well for both): index.html, one page per board with sortable "
+        "columns, a setting filter, CI bars, plots and per-entry provenance; plain files that "
+        "open from disk, no network",
     )
     _add_common(p, data=False)
     p.set_defaults(func=cmd_leaderboard)

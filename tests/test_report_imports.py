@@ -184,7 +184,8 @@ def test_report_package_loads_no_method_data_or_task_code(tmp_path):
 
 
 def test_cli_report_and_leaderboard_load_no_method_data_or_task_code(tmp_path):
-    """`fsbench report` and `fsbench leaderboard` read the store and nothing else."""
+    """`fsbench report` and `fsbench leaderboard` (Markdown and the HTML site) read the store and
+    nothing else."""
     script = (
         PRELUDE
         + """
@@ -200,7 +201,7 @@ def test_cli_report_and_leaderboard_load_no_method_data_or_task_code(tmp_path):
     assert cli.cmd_report(argparse.Namespace(workdir=wd, protocol=["sweep"], format="csv")) == 0
     common = dict(workdir=wd, name=None, data_root=None)
     assert cli.cmd_leaderboard(
-        argparse.Namespace(protocol=[], all=True, out=out / "all", **common)
+        argparse.Namespace(protocol=[], all=True, out=out / "all", html=out / "site", **common)
     ) == 0
     assert cli.cmd_leaderboard(
         argparse.Namespace(protocol=["sweep"], all=False, out=out / "fam", **common)
@@ -209,6 +210,7 @@ def test_cli_report_and_leaderboard_load_no_method_data_or_task_code(tmp_path):
         protocol=["sweep"], all=False, out=out / "grp", workdir=wd, name="g", data_root=None
     )) == 0
     assert (out / "fam" / "sweep.md").is_file() and (out / "grp" / "g.md").is_file()
+    assert (out / "site" / "index.html").is_file()
 """
         + EPILOGUE
     )
