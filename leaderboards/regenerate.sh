@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate one published leaderboard from scratch: bash leaderboards/regenerate.sh BOARD
-#   BOARD = omniglot | omniglot-semi | omniglot-shapes | omniglot-metric-transfer | fashion-mnist-ssl | fashion-mnist-ssl-trained | all
+#   BOARD = omniglot | omniglot-semi | omniglot-shapes | omniglot-metric-transfer | fashion-mnist-ssl | fashion-mnist-ssl-trained | site | all
 # These are the commands that produced the committed tables (CPU, OMP_NUM_THREADS=1, one
 # command per core). Results go to runs/ (resumable: rerunning skips stored tasks), backbones
 # to checkpoints/, pages to leaderboards/. Needs FSBENCH_DATA (../shared/data on the project's
@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 CK=checkpoints
-W="--workdir runs"
+W="--workdir ${RUNS:-runs}"  # RUNS=DIR keeps a round of boards in a store of its own
 mkdir -p "$CK"
 
 ce_backbone() {  # Conv-4, cross-entropy on Lake's background alphabets (disjoint from the Vinyals test split)
@@ -53,13 +53,14 @@ fmnist_backbone() {  # Conv-4, instance discrimination on the 60 000 training im
     --out "$CK/conv4-instance-fmnist.pt"
 }
 
-fashion_mnist_ssl() {  # feature methods (~40 min after the backbone)
+fashion_mnist_ssl() {  # feature methods, 5 seeds (~25 min after the backbone)
   fmnist_backbone
-  local inst="$CK/conv4-instance-fmnist.pt"
-  fsbench run fashion-mnist-ssl -m logistic-regression -m nn-propagation -m spectral-propagation \
-    -m propagation-classifier:propagator=spectral -m diffusion $W
-  fsbench run fashion-mnist-ssl -m logistic-regression -m nn-propagation -m spectral-propagation \
-    -m diffusion --backbone "checkpoint:$inst#embed" $W
+  local inst="$CK/conv4-instance-fmnist.pt" seeds=(--seeds 0 1 2 3 4)
+  fsbench run fashion-mnist-ssl -m nearest-prototype -m logistic-regression -m nn-propagation \
+    -m spectral-propagation -m propagation-classifier -m diffusion "${seeds[@]}" $W
+  fsbench run fashion-mnist-ssl -m nearest-prototype -m logistic-regression -m nn-propagation \
+    -m spectral-propagation -m propagation-classifier -m diffusion \
+    --backbone "checkpoint:$inst#embed" "${seeds[@]}" $W
   fsbench leaderboard fashion-mnist-ssl $W
 }
 
@@ -101,6 +102,7 @@ case "${1:-}" in
   omniglot-metric-transfer) omniglot_metric_transfer ;;
   fashion-mnist-ssl) fashion_mnist_ssl ;;
   fashion-mnist-ssl-trained) fashion_mnist_ssl_trained ;;
-  all) omniglot; omniglot_semi; omniglot_shapes; omniglot_metric_transfer; fashion_mnist_ssl; fashion_mnist_ssl_trained; fsbench leaderboard --all $W ;;
-  *) echo "usage: bash leaderboards/regenerate.sh omniglot|omniglot-semi|omniglot-shapes|omniglot-metric-transfer|fashion-mnist-ssl|fashion-mnist-ssl-trained|all" >&2; exit 2 ;;
+  site) fsbench leaderboard --all --html leaderboards/site $W ;;
+  all) omniglot; omniglot_semi; omniglot_shapes; omniglot_metric_transfer; fashion_mnist_ssl; fashion_mnist_ssl_trained; fsbench leaderboard --all $W; fsbench leaderboard --all --html leaderboards/site $W ;;
+  *) echo "usage: bash leaderboards/regenerate.sh omniglot|omniglot-semi|omniglot-shapes|omniglot-metric-transfer|fashion-mnist-ssl|fashion-mnist-ssl-trained|site|all" >&2; exit 2 ;;
 esac
