@@ -177,6 +177,9 @@ def test_image_subsets_from_the_split_file(tree: Path, tmp_path: Path) -> None:
     assert (novel.images[:, 0, 4, 4].long() // 40).tolist() == [2] * N_TRAIN + [3] * N_TRAIN
     test = load_dataset("imagenet", "train", tree, image_size=8, subset="lowshot-test")
     assert test.class_names == TREE_WNIDS and len(test) == 4 * N_TRAIN
+    # the two-list subsets expose their class groups (for [ssl] fully_labeled / query_classes)
+    assert test.meta["class_groups"] == {"base": TREE_WNIDS[:2], "novel": TREE_WNIDS[2:]}
+    assert "class_groups" not in novel.meta
     with pytest.raises(InputDataError, match=r"lacks 1 of the 1 classes .*n00000999"):
         load_dataset("imagenet", "train", tree, image_size=8, subset="lowshot-val-base")
 

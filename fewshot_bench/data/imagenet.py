@@ -12,7 +12,9 @@ Low-shot subsets (option ``subset=``, e.g. ``lowshot-test-novel``) need the user
 class split file ``label_idx.json`` of github.com/facebookresearch/low-shot-with-diffusion (not
 shipped here: CC-BY-NC), at ``<root>/imagenet/label_idx.json`` (images),
 ``<root>/imagenet-features/label_idx.json`` (features) or given as ``split_file=PATH``; the
-feature route then also needs ``class_names.txt``. Nothing else reads the split file.
+feature route then also needs ``class_names.txt``. Nothing else reads the split file. The subsets
+``lowshot-test`` and ``lowshot-val`` expose their class groups ``base`` and ``novel`` in
+``meta["class_groups"]``, for the ``[ssl]`` options ``fully_labeled`` and ``query_classes``.
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ SUBSETS: dict[str, tuple[str, ...]] = {
     "lowshot-val": ("base_classes_1", "novel_classes_1"),
     "lowshot-val-base": ("base_classes_1",),
     "lowshot-val-novel": ("novel_classes_1",),
+}
+#: The class groups a subset exposes (``LabeledData.meta["class_groups"]``: group name -> class
+#: names), for the ``[ssl]`` options ``fully_labeled`` and ``query_classes``.
+SUBSET_GROUPS: dict[str, dict[str, str]] = {
+    "lowshot-test": {"base": "base_classes_2", "novel": "novel_classes_2"},
+    "lowshot-val": {"base": "base_classes_1", "novel": "novel_classes_1"},
 }
 
 
@@ -179,13 +187,23 @@ def read_lowshot_split(path: Path, name: str) -> dict[str, tuple[str, ...]]:
 
 def subset_classes(subset: str, split_path: Path, name: str) -> tuple[str, ...]:
     """The wnids of a low-shot class subset (see ``SUBSETS``) per the split file, sorted."""
+    return subset_split(subset, split_path, name)[0]
+
+
+def subset_split(
+    subset: str, split_path: Path, name: str
+) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+    """The sorted wnids of a low-shot class subset and its class groups (``SUBSET_GROUPS``:
+    e.g. ``base`` and ``novel`` for ``lowshot-test``; none for single-list subsets)."""
     if subset not in SUBSETS:
         raise ProtocolError(
             f"{name}: unknown class subset {subset!r}; valid: {', '.join(SUBSETS)} "
             f"(from the low-shot split file, {SPLIT_SOURCE})"
         )
     lists = read_lowshot_split(split_path, name)
-    return tuple(sorted(w for key in SUBSETS[subset] for w in lists[key]))
+    wanted = tuple(sorted(w for key in SUBSETS[subset] for w in lists[key]))
+    groups = {g: list(lists[key]) for g, key in SUBSET_GROUPS.get(subset, {}).items()}
+    return wanted, groups
 
 
 def _check_subset_options(subset: str | None, split_file: object, name: str) -> None:
@@ -350,8 +368,11 @@ def load_imagenet(
             f"imagenet: {split} has classes {unknown[:3]} that {base / 'train'} lacks; "
             "train and val must cover the same wnids"
         )
+    groups: dict[str, list[str]] = {}
     if subset is not None:
-        wanted = subset_classes(subset, split_file_path(root, IMAGES_DIR, split_file), "imagenet")
+        wanted, groups = subset_split(
+            subset, split_file_path(root, IMAGES_DIR, split_file), "imagenet"
+        )
         _check_subset_present(wanted, classes, str(base), "imagenet")
         members = set(wanted)
         keep = [i for i, w in enumerate(wnids) if w in members]
@@ -375,7 +396,8 @@ def load_imagenet(
         class_names=classes,
         images=torch.from_numpy(arr),
         item_ids=[f"{split}/{n}" for n, _ in listing],
-        meta={"source": str(folder), "image_size": size, "subset": subset},
+        meta={"source": str(folder), "image_size": size, "subset": subset}
+        | ({"class_groups": groups} if groups else {}),
     )
 
 
@@ -471,7 +493,7 @@ def load_imagenet_features(
                 "that order, as torchvision's ImageFolder does)"
             )
         split_path = split_file_path(root, FEATURES_DIR, split_file)
-        wanted = subset_classes(subset, split_path, "imagenet-features")
+        wanted, groups = subset_split(subset, split_path, "imagenet-features")
         _check_subset_present(wanted, classes, str(names_file), "imagenet-features")
         remap = np.full(len(classes), -1, dtype=np.int64)
         position = {w: i for i, w in enumerate(wanted)}
@@ -483,7 +505,7 @@ def load_imagenet_features(
         ids = [ids[i] for i in rows] if ids is not None else None
         row_ids = rows
     else:
-        row_ids = np.arange(len(labels))
+        row_ids, groups = np.arange(len(labels)), {}
     return LabeledData(
         name="imagenet-features",
         split=split,
@@ -491,7 +513,8 @@ def load_imagenet_features(
         class_names=list(classes),
         features=feature_tensor(feats, name="imagenet-features", source=file, float16=float16),
         item_ids=ids if ids is not None else [f"{split}/{i}" for i in row_ids.tolist()],
-        meta={"source": str(file), "subset": subset, "backbone": folder.name},
+        meta={"source": str(file), "subset": subset, "backbone": folder.name}
+        | ({"class_groups": groups} if groups else {}),
     )
 
 

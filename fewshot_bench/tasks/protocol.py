@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fewshot_bench.data.base import LabeledData
-from fewshot_bench.errors import ProtocolError
+from fewshot_bench.errors import InputDataError, ProtocolError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,7 +72,11 @@ class Protocol:
 
     ``kind == "episodic"``: ``n_tasks`` N-way K-shot episodes per seed (``episodes`` table).
     ``kind == "ssl"``: one task per seed: ``n_labels`` balanced labels from ``labeled_split``,
-    the rest of it unlabeled, ``query_split`` as query.
+    the rest of it unlabeled, ``query_split`` as query. Optional ``[ssl]`` keys: ``fully_labeled``
+    (a class group or list of class names whose ``labeled_split`` items are all labeled; the
+    balanced labels go to the other classes), ``query_classes`` (only these classes' query items
+    are queries, still predicted among all classes) and ``background`` (``{dataset, split,
+    options}``: extra items of another source added to the unlabeled set only).
     """
 
     name: str
@@ -121,7 +125,23 @@ class Protocol:
             if "n_labels" in p
             else f"{100 * p['label_fraction']:g}% labels"
         )
-        return f"{ds}: {amount} (balanced) from {p['labeled_split']}, query {p['query_split']}"
+        s = f"{ds}: {amount} (balanced) from {p['labeled_split']}"
+        if "fully_labeled" in p:
+            group = _classes_shown(p["fully_labeled"])
+            s += f" over the classes outside {group}, every {p['labeled_split']} item of {group} labeled"
+        s += f", query {p['query_split']}"
+        if "query_classes" in p:
+            s += f" of {_classes_shown(p['query_classes'])} (predicted among all classes)"
+        if "background" in p:
+            bg = p["background"]
+            s += f", background: {bg['dataset']}[{bg['split']}] unlabeled"
+        return s
+
+
+def _classes_shown(spec: str | list[str]) -> str:
+    if isinstance(spec, str):
+        return f"class group {spec!r}"
+    return f"{len(spec)} listed classes"
 
 
 def is_safe_name(name: object) -> bool:
@@ -327,7 +347,12 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
             )
         ]
     ssl = _table(doc, "ssl", source)
-    _check_keys(ssl, {"labeled_split", "query_split", "n_labels", "label_fraction"}, "ssl", source)
+    _check_keys(
+        ssl,
+        {"labeled_split", "query_split", "n_labels", "label_fraction", *SSL_EXTRAS},
+        "ssl",
+        source,
+    )
     for key in ("labeled_split", "query_split"):
         if ssl.get(key) not in dataset["splits"]:
             raise ProtocolError(
@@ -343,6 +368,7 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
         raise ProtocolError(
             f"{source}: [ssl] needs exactly one of n_labels (list) or label_fraction (list)"
         )
+    extras = _ssl_extras(ssl, source)
     out = []
     if "n_labels" in ssl:
         for n in _number_list(ssl["n_labels"], "n_labels", source, "[250, 4000]"):
@@ -351,6 +377,7 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
                 "labeled_split": ssl["labeled_split"],
                 "query_split": ssl["query_split"],
                 "n_labels": n,
+                **copy.deepcopy(extras),
             }
             out.append(
                 Protocol(
@@ -372,6 +399,7 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
                 "labeled_split": ssl["labeled_split"],
                 "query_split": ssl["query_split"],
                 "label_fraction": float(frac),
+                **copy.deepcopy(extras),
             }
             pct = f"{100 * frac:g}pct"
             out.append(
@@ -384,6 +412,58 @@ def _parse(doc: dict, source: str) -> list[Protocol]:
                     **copy.deepcopy(common),
                 )
             )
+    return out
+
+
+#: Optional ``[ssl]`` keys; each is kept in the parameters only when given, so protocols
+#: without them keep their hash.
+SSL_EXTRAS = ("fully_labeled", "query_classes", "background")
+BACKGROUND_KEYS = ("dataset", "split", "options")
+_CLASSES_HINT = (
+    'a class group the dataset exposes (e.g. "base" or "novel" with imagenet-features option '
+    'subset = "lowshot-test") or a list of class names'
+)
+
+
+def _class_spec(value: object, key: str, source: str) -> str | list[str]:
+    """A class-group name or a non-empty list of distinct class names."""
+    if isinstance(value, str) and value:
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(x, str) and x for x in value)
+        and len(set(value)) == len(value)
+    ):
+        return list(value)
+    raise ProtocolError(
+        f"{source}: [ssl] {key} must be {_CLASSES_HINT} (distinct, non-empty strings), "
+        f"got {_shown(value)}"
+    )
+
+
+def _ssl_extras(ssl: dict, source: str) -> dict[str, Any]:
+    """The optional ``[ssl]`` keys, validated: ``fully_labeled`` (classes whose labeled-split
+    items are all labeled), ``query_classes`` (classes whose query-split items are the queries)
+    and ``background`` (a table ``{dataset, split, options}`` naming extra unlabeled items)."""
+    out: dict[str, Any] = {}
+    for key in ("fully_labeled", "query_classes"):
+        if key in ssl:
+            out[key] = _class_spec(ssl[key], key, source)
+    if "background" in ssl:
+        bg = _table(ssl, "background", source, "[ssl] ")
+        example = (
+            'background = { dataset = "features", split = "all", options = { path = "extra.npy" } }'
+        )
+        _check_keys(bg, set(BACKGROUND_KEYS), "ssl.background", source)
+        for key in ("dataset", "split"):
+            if not isinstance(bg.get(key), str) or not bg[key]:
+                raise ProtocolError(
+                    f"{source}: [ssl] background needs {key} (a string), e.g. {example}"
+                )
+        if "options" in bg:
+            bg["options"] = _table(bg, "options", source, "[ssl] background ")
+        out["background"] = bg
     return out
 
 
@@ -513,16 +593,34 @@ def resolve_protocols(spec: str) -> list[Protocol]:
     )
 
 
+#: The split name and class name of an ``[ssl] background`` pool's items inside a Pool.
+BACKGROUND = "<background>"
+
+
 @dataclass
 class Pool:
-    """The items a protocol draws from: its splits concatenated, with a shared class index."""
+    """The items a protocol draws from: its splits concatenated, with a shared class index.
+
+    With an ``[ssl] background`` the background items come last, as split ``BACKGROUND`` with
+    the extra class ``background_class`` (the last class), which no task ever lists."""
 
     data: LabeledData
     split_of: np.ndarray
     split_names: list[str]
+    background_class: int | None = None
 
     def indices_of_split(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split_of == self.split_names.index(split))
+
+    @property
+    def n_task_classes(self) -> int:
+        """The dataset's classes (the background's class, if any, not counted)."""
+        return self.data.n_classes - (self.background_class is not None)
+
+    @property
+    def class_groups(self) -> dict[str, list[str]]:
+        """Named groups of class names the dataset exposes (e.g. ``base``, ``novel``)."""
+        return dict(self.data.meta.get("class_groups", {}))
 
     def fingerprint(self) -> str:
         return self.data.fingerprint()
@@ -552,13 +650,17 @@ def concat_splits(parts: list[LabeledData]) -> Pool:
     if all(p.item_ids is not None for p in parts):
         item_ids = [i for p in parts for i in p.item_ids]
     kw = {"images": tensor} if first.kind == "images" else {"features": tensor}
+    meta: dict[str, Any] = {"notes": sorted({p.meta["note"] for p in parts if "note" in p.meta})}
+    groups = first.meta.get("class_groups")
+    if same_classes and groups and all(p.meta.get("class_groups") == groups for p in parts):
+        meta["class_groups"] = groups
     data = LabeledData(
         name=first.name,
         split="+".join(p.split for p in parts),
         labels=np.concatenate(labels),
         class_names=class_names,
         item_ids=item_ids,
-        meta={"notes": sorted({p.meta["note"] for p in parts if "note" in p.meta})},
+        meta=meta,
         **kw,
     )
     split_of = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(parts)])
@@ -576,4 +678,72 @@ def load_pool(protocol: Protocol, root: str | Path | None = None, download: bool
     parts = [
         load_dataset(ds["name"], split, root, download=download, **kwargs) for split in ds["splits"]
     ]
-    return concat_splits(parts)
+    pool = concat_splits(parts)
+    if protocol.kind == "ssl" and "background" in protocol.params:
+        bg = protocol.params["background"]
+        bg_kwargs = dict(bg.get("options", {}))
+        if "image_size" in ds and pool.data.kind == "images":
+            bg_kwargs.setdefault("image_size", ds["image_size"])
+        extra = load_dataset(bg["dataset"], bg["split"], root, download=download, **bg_kwargs)
+        pool = add_background(pool, extra, protocol.name)
+    return pool
+
+
+def add_background(pool: Pool, extra: LabeledData, name: str = "protocol") -> Pool:
+    """``pool`` with ``extra``'s items appended as unlabeled background (``Pool.background_class``).
+
+    ``extra``'s labels and class names are dropped. Its items must be of the pool's kind and
+    shape (e.g. the same feature dimension); float features take the pool's dtype. Items of the
+    pool's own dataset (same item ids) are refused, so no item is in the pool twice."""
+    from fewshot_bench.data.registry import get_info
+
+    data, where = pool.data, f"{extra.name}[{extra.split}]"
+    if extra.kind != data.kind:
+        raise InputDataError(
+            f"{name}: the [ssl] background {where} holds {extra.kind} but the pool ({data.name}) "
+            f"holds {data.kind}; use a background of {data.kind}"
+        )
+    if tuple(extra.data.shape[1:]) != tuple(data.data.shape[1:]):
+        what = "feature dimension" if data.kind == "features" else "image shape"
+        raise InputDataError(
+            f"{name}: the [ssl] background {where} has {what} {tuple(extra.data.shape[1:])} but "
+            f"the pool ({data.name}) has {tuple(data.data.shape[1:])}; compute the background "
+            "with the same backbone (or image size) as the pool"
+        )
+    if len(extra) == 0:
+        raise InputDataError(f"{name}: the [ssl] background {where} holds no items")
+    try:
+        same = get_info(extra.name).name == get_info(data.name).name
+    except ProtocolError:  # a loader that names its data otherwise than the registry
+        same = extra.name == data.name
+    if same and data.item_ids and extra.item_ids:
+        shared = set(data.item_ids).intersection(extra.item_ids)
+        if shared:
+            raise ProtocolError(
+                f"{name}: the [ssl] background {where} shares {len(shared)} items with the pool "
+                f"(e.g. {sorted(shared)[0]}), which would then be in two roles; use a background "
+                "split that holds other items"
+            )
+    tensor = extra.data.to(data.data.dtype) if data.kind == "features" else extra.data
+    item_ids = None
+    if data.item_ids is not None:
+        ids = extra.item_ids or [str(i) for i in range(len(extra))]
+        item_ids = [*data.item_ids, *(f"{BACKGROUND}/{where}/{i}" for i in ids)]
+    background_class = data.n_classes
+    kw = {data.kind: torch.cat([data.data, tensor])}
+    merged = LabeledData(
+        name=data.name,
+        split=f"{data.split}+{BACKGROUND}",
+        labels=np.concatenate([data.labels, np.full(len(extra), background_class)]),
+        class_names=[*data.class_names, BACKGROUND],
+        item_ids=item_ids,
+        meta={**{k: v for k, v in data.meta.items() if k != "fingerprint"}, "background": where},
+        **kw,
+    )
+    split_of = np.concatenate([pool.split_of, np.full(len(extra), len(pool.split_names))])
+    return Pool(
+        data=merged,
+        split_of=split_of,
+        split_names=[*pool.split_names, BACKGROUND],
+        background_class=background_class,
+    )

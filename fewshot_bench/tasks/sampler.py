@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fewshot_bench.errors import ProtocolError
-from fewshot_bench.tasks.protocol import Pool, Protocol
+from fewshot_bench.tasks.protocol import BACKGROUND, Pool, Protocol
 from fewshot_bench.tasks.task import TaskIndices
 
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -191,51 +191,121 @@ def imbalanced_counts(
     return counts.tolist()
 
 
+def resolve_classes(pool: Pool, spec: str | list[str], key: str, name: str) -> np.ndarray:
+    """Sorted class indices of ``spec``: a class group the pool's dataset exposes
+    (``Pool.class_groups``) or a list of its class names. ProtocolError naming the valid ones."""
+    names = pool.data.class_names[: pool.n_task_classes]
+    if isinstance(spec, str):
+        groups = pool.class_groups
+        if spec not in groups:
+            have = (
+                f"it exposes {', '.join(map(repr, groups))}"
+                if groups
+                else "it exposes no class groups (imagenet-features and imagenet expose 'base' "
+                "and 'novel' with the option subset = 'lowshot-test' or 'lowshot-val')"
+            )
+            raise ProtocolError(
+                f"{name}: [ssl] {key} = {spec!r} is no class group of {pool.data.name}: {have}; "
+                "name one of those, or give a list of class names"
+            )
+        wanted = list(groups[spec])
+    else:
+        wanted = list(spec)
+    index = {c: i for i, c in enumerate(names)}
+    unknown = [c for c in wanted if c not in index]
+    if unknown:
+        raise ProtocolError(
+            f"{name}: [ssl] {key} names {len(unknown)} class(es) that {pool.data.name} does not "
+            f"have (e.g. {', '.join(map(repr, unknown[:3]))}); use its class names "
+            f"(e.g. {', '.join(map(repr, names[:3]))})"
+        )
+    return np.array(sorted(index[c] for c in wanted), dtype=np.int64)
+
+
 def ssl_split(pool: Pool, params: dict, seed: int, *, name: str = "protocol") -> TaskIndices:
     """One semi-supervised task: balanced labels from the labeled split, the rest unlabeled,
     the query split as query; ``classes`` are all pool classes, so episode label = pool label.
     ``n_labels`` not divisible by the class count gives the first
-    ``n_labels % C`` classes (in a seeded order) one extra label."""
+    ``n_labels % C`` classes (in a seeded order) one extra label.
+
+    Optional ``params``: ``fully_labeled`` (classes whose labeled-split items are all labeled;
+    ``n_labels`` / ``label_fraction`` then apply to the other classes and their items),
+    ``query_classes`` (only the query-split items of these classes are queries, still predicted
+    among all classes) and ``background`` (the pool's background items join the unlabeled set;
+    see ``protocol.add_background``)."""
     data = pool.data
     lab_idx = pool.indices_of_split(params["labeled_split"])
     qry_idx = pool.indices_of_split(params["query_split"])
     labels = data.labels
     present = np.unique(labels[lab_idx])
-    n_classes = data.n_classes
+    n_classes = pool.n_task_classes
     if len(present) != n_classes:
         raise ProtocolError(
             f"{name}: the labeled split lacks classes {sorted(set(range(n_classes)) - set(present))}"
         )
+    drawn = np.arange(n_classes, dtype=np.int64)  # the classes that get balanced labels
+    full = _EMPTY
+    if "fully_labeled" in params:
+        full = resolve_classes(pool, params["fully_labeled"], "fully_labeled", name)
+        drawn = np.setdiff1d(drawn, full)
+        if len(drawn) == 0:
+            raise ProtocolError(
+                f"{name}: [ssl] fully_labeled covers all {n_classes} classes, so nothing is left "
+                "to draw labels for or to leave unlabeled; name only the base classes"
+            )
+    members = class_members(labels[lab_idx], n_classes)
     if "n_labels" in params:
         n_labels = params["n_labels"]
     else:
-        n_labels = int(round(params["label_fraction"] * len(lab_idx)))
-    if n_labels < n_classes:
+        n_drawn_items = sum(len(members[c]) for c in drawn)
+        n_labels = int(round(params["label_fraction"] * n_drawn_items))
+    n_draw = len(drawn)
+    if n_labels < n_draw:
+        which = "classes" if len(full) == 0 else "classes not in fully_labeled"
         raise ProtocolError(
-            f"{name}: {n_labels} labels cannot cover {n_classes} classes; use >= {n_classes}"
+            f"{name}: {n_labels} labels cannot cover {n_draw} {which}; use >= {n_draw}"
         )
     rng = task_rng(seed, 0)
-    per_class = np.full(n_classes, n_labels // n_classes)
-    per_class[rng.permutation(n_classes)[: n_labels % n_classes]] += 1
-    members = class_members(labels[lab_idx], n_classes)
-    smallest = min(len(mm) for mm in members)
+    per_class = np.full(n_draw, n_labels // n_draw)
+    per_class[rng.permutation(n_draw)[: n_labels % n_draw]] += 1
+    smallest = min(len(members[c]) for c in drawn)
     if per_class.max() >= smallest:
         raise ProtocolError(
             f"{name}: {per_class.max()} labels per class leave no unlabeled data in a class of {smallest}; "
             "use fewer labels"
         )
     chosen = np.concatenate(
-        [rng.choice(members[c], size=per_class[c], replace=False) for c in range(n_classes)]
+        [
+            rng.choice(members[c], size=k, replace=False)
+            for c, k in zip(drawn, per_class, strict=True)
+        ]
+        + [members[c] for c in full]
     )
     chosen_global = lab_idx[np.sort(chosen)]
     mask = np.ones(len(lab_idx), dtype=bool)
     mask[np.searchsorted(lab_idx, chosen_global)] = False
     unlabeled = lab_idx[mask]
+    if "background" in params:
+        if pool.background_class is None:
+            raise ProtocolError(
+                f"{name}: the protocol has an [ssl] background but this pool was loaded without "
+                "it; load the pool with tasks.protocol.load_pool(protocol)"
+            )
+        unlabeled = np.concatenate([unlabeled, pool.indices_of_split(BACKGROUND)])
+    query = qry_idx
+    if "query_classes" in params:
+        wanted = resolve_classes(pool, params["query_classes"], "query_classes", name)
+        query = qry_idx[np.isin(labels[qry_idx], wanted)]
+        if len(query) == 0:
+            raise ProtocolError(
+                f"{name}: the {params['query_split']} split holds no items of [ssl] query_classes; "
+                "name classes that have query items"
+            )
     return TaskIndices(
         support=chosen_global,
         support_labels=labels[chosen_global],
         unlabeled=unlabeled,
-        query=qry_idx,
+        query=query,
         classes=np.arange(n_classes, dtype=np.int64),
     )
 
