@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -319,7 +320,8 @@ def _run_on(args: argparse.Namespace, specs: list, executor, device) -> int:
     with ResultsStore(store_path) as store:
         pool, pool_key = None, None
         for proto in protos:
-            key = (proto.dataset["name"], tuple(proto.splits), proto.dataset.get("image_size"))
+            # everything load_pool reads: the dataset table (options too) and a background pool
+            key = json.dumps([proto.dataset, proto.params.get("background")], sort_keys=True)
             if key != pool_key:
                 pool, pool_key = load_pool(proto, args.data_root, download=args.download), key
             summaries = run_protocol(
