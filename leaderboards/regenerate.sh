@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate one published leaderboard from scratch: bash leaderboards/regenerate.sh BOARD
-#   BOARD = omniglot | omniglot-semi | omniglot-shapes | omniglot-metric-transfer | fashion-mnist-ssl | fashion-mnist-ssl-trained | site | all
+#   BOARD = omniglot | omniglot-semi | omniglot-shapes | omniglot-metric-transfer | fashion-mnist-ssl | fashion-mnist-ssl-trained | cifar10-ssl | cifar10-ssl-trained | site | all
 # These are the commands that produced the committed tables (CPU, OMP_NUM_THREADS=1, one
 # command per core). Results go to runs/ (resumable: rerunning skips stored tasks), backbones
 # to checkpoints/, pages to leaderboards/. Needs FSBENCH_DATA (../shared/data on the project's
@@ -72,6 +72,30 @@ fashion_mnist_ssl_trained() {  # image-trained networks, 84 trainings (~2 h)
   fsbench leaderboard fashion-mnist-ssl $W
 }
 
+cifar_backbone() {  # Conv-4, instance discrimination on the 50 000 training images (JPEG copy), labels unused
+  [ -f "$CK/conv4-instance-cifar10.pt" ] || fsbench pretrain --dataset cifar10 --split train \
+    --arch conv4 --objective instance --steps 3000 --augment strong --image-size 32 \
+    --out "$CK/conv4-instance-cifar10.pt"
+}
+
+cifar10_ssl() {  # feature methods on the instance backbone, 5 seeds
+  cifar_backbone
+  fsbench run cifar10-ssl -m nearest-prototype -m logistic-regression -m nn-propagation \
+    -m spectral-propagation -m propagation-classifier -m diffusion \
+    --backbone "checkpoint:$CK/conv4-instance-cifar10.pt#embed" --seeds 0 1 2 3 4 $W
+  fsbench leaderboard cifar10-ssl $W
+}
+
+cifar10_ssl_trained() {  # image-trained networks, seed 0 only at three budgets (CPU time)
+  cifar_backbone
+  local inst="$CK/conv4-instance-cifar10.pt"
+  for n in 250 1000 4000; do
+    fsbench run "cifar10-ssl-$n" -m supervised -m "finetune:init=$inst" \
+      -m "propagation-finetune:init=$inst" -m mean-teacher --seeds 0 $W
+  done
+  fsbench leaderboard cifar10-ssl $W
+}
+
 PEERS=(-m simpleshot -m bd-cspn -m laplacianshot -m tim -m pt-map -m tpn -m ilpc)
 
 omniglot_shapes() {  # 40 episode shapes, 600 episodes each; graph methods, their published-default
@@ -102,7 +126,12 @@ case "${1:-}" in
   omniglot-metric-transfer) omniglot_metric_transfer ;;
   fashion-mnist-ssl) fashion_mnist_ssl ;;
   fashion-mnist-ssl-trained) fashion_mnist_ssl_trained ;;
-  site) fsbench leaderboard --all --html leaderboards/site $W ;;
-  all) omniglot; omniglot_semi; omniglot_shapes; omniglot_metric_transfer; fashion_mnist_ssl; fashion_mnist_ssl_trained; fsbench leaderboard --all $W; fsbench leaderboard --all --html leaderboards/site $W ;;
-  *) echo "usage: bash leaderboards/regenerate.sh omniglot|omniglot-semi|omniglot-shapes|omniglot-metric-transfer|fashion-mnist-ssl|fashion-mnist-ssl-trained|site|all" >&2; exit 2 ;;
+  cifar10-ssl) cifar10_ssl ;;
+  cifar10-ssl-trained) cifar10_ssl_trained ;;
+  site) fsbench leaderboard --all --html leaderboards/site $W
+    # the README's picture of the site (Debian: apt-get install chromium)
+    chromium --headless=new --no-sandbox --disable-gpu --window-size=1200,1500 \
+      --screenshot=leaderboards/site-screenshot.png "file://$PWD/leaderboards/site/fashion-mnist-ssl.html" ;;
+  all) omniglot; omniglot_semi; omniglot_shapes; omniglot_metric_transfer; fashion_mnist_ssl; fashion_mnist_ssl_trained; cifar10_ssl; cifar10_ssl_trained; fsbench leaderboard --all $W; fsbench leaderboard --all --html leaderboards/site $W ;;
+  *) echo "usage: bash leaderboards/regenerate.sh omniglot|omniglot-semi|omniglot-shapes|omniglot-metric-transfer|fashion-mnist-ssl|fashion-mnist-ssl-trained|cifar10-ssl|cifar10-ssl-trained|site|all" >&2; exit 2 ;;
 esac
