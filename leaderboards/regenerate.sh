@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 CK=checkpoints
 W="--workdir ${RUNS:-runs}"  # RUNS=DIR keeps a round of boards in a store of its own
+# the 24 000-episode shape table and the large-pool protocol keep stores of their own
+WS="--workdir ${RUNS:-runs}-shapes" WM="--workdir ${RUNS:-runs}-mt"
 mkdir -p "$CK"
 
 ce_backbone() {  # Conv-4, cross-entropy on Lake's background alphabets (disjoint from the Vinyals test split)
@@ -20,8 +22,7 @@ ce_backbone() {  # Conv-4, cross-entropy on Lake's background alphabets (disjoin
 omniglot() {
   ce_backbone
   local feat=(-m nearest-prototype -m nn-propagation -m spectral-propagation -m diffusion)
-  fsbench run omniglot-5w1s -m protonet:steps=3000,lr_decay_every=1000 $W \
-    --save-state "$CK/protonet-omniglot-1shot.pt"
+  fsbench run omniglot-5w1s -m protonet:steps=3000,lr_decay_every=1000 $W
   fsbench run omniglot-20w1s -m protonet:steps=3000,lr_decay_every=1000 $W
   for p in omniglot-5w5s omniglot-20w5s; do
     fsbench run $p -m protonet:train_shot=5,steps=2000,lr_decay_every=700 $W
@@ -104,9 +105,9 @@ omniglot_shapes() {  # 40 episode shapes, 600 episodes each; graph methods, thei
   local ck="checkpoint:$CK/conv4-ce-omniglot-bg.pt"
   fsbench run omniglot-shapes -m nearest-prototype -m diffusion -m spectral-propagation \
     -m diffusion:k=10,prior=none,support_check=false -m spectral-propagation:k=10,support_check=false \
-    --backbone "$ck" --workdir runs-shapes
-  fsbench run omniglot-shapes "${PEERS[@]}" --backbone "$ck" --workdir runs-shapes
-  fsbench leaderboard omniglot-shapes --workdir runs-shapes --out leaderboards/omniglot-shapes
+    --backbone "$ck" $WS
+  fsbench run omniglot-shapes "${PEERS[@]}" --backbone "$ck" $WS
+  fsbench leaderboard omniglot-shapes $WS --out leaderboards/omniglot-shapes
 }
 
 omniglot_metric_transfer() {  # every episode's pool: the unlabeled 60% of all 1692 test classes
@@ -115,8 +116,8 @@ omniglot_metric_transfer() {  # every episode's pool: the unlabeled 60% of all 1
   # beyond 5000 items) are left out; the other peers ignore the pool
   fsbench run omniglot-metric-transfer -m nearest-prototype -m nn-propagation -m diffusion \
     -m simpleshot -m bd-cspn -m laplacianshot -m tim -m pt-map \
-    --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" --workdir runs-mt
-  fsbench leaderboard omniglot-metric-transfer --workdir runs-mt --out leaderboards/omniglot-metric-transfer
+    --backbone "checkpoint:$CK/conv4-ce-omniglot-bg.pt" $WM
+  fsbench leaderboard omniglot-metric-transfer $WM --out leaderboards/omniglot-metric-transfer
 }
 
 case "${1:-}" in
