@@ -179,3 +179,45 @@ class StoreForger(Method):
                 except OSError:
                     continue
         return [_by_position(t.query.shape[0], t.n_way) for t in tasks]
+
+
+@register_method("memory-file-writer")
+class MemoryFileWriter(Method):
+    """Writes into its own inputs (allowed: its private copy-on-write mapping), then reopens every
+    runner memory file it can find, its own and other workers', through ``/proc/*/map_files``
+    and tries to overwrite it. Scores: row 0 holds (files found, writes that succeeded,
+    in-place edits that worked), the rest zeros."""
+
+    consumes = "features"
+    setting = "transductive"
+
+    def predict(self, task, ctx):
+        import os
+        import re
+
+        task.query.zero_()  # in place: must work, and must not reach any other process
+        edited = int(not bool(task.query.any()))
+        found = written = 0
+        for maps in Path("/proc").glob("[0-9]*/maps"):
+            try:
+                lines = maps.read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                if "fsbench-task" not in line:
+                    continue
+                found += 1
+                span = re.match(r"([0-9a-f]+-[0-9a-f]+)", line).group(1)
+                try:
+                    fd = os.open(maps.parent / "map_files" / span, os.O_RDWR)
+                except OSError:
+                    continue
+                try:
+                    written += os.pwrite(fd, b"\xff" * 64, 0) > 0
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        scores = torch.zeros(task.query.shape[0], task.n_way)
+        scores[0, :3] = torch.tensor([found, written, edited], dtype=torch.float32)
+        return scores

@@ -32,6 +32,7 @@ from fewshot_bench.errors import FsbenchError, InputDataError, ManifestError, Pr
 from fewshot_bench.methods.base import FitSource, TaskContext
 from fewshot_bench.methods.registry import get_method
 from fewshot_bench.run.features import feature_cache_path, pool_features
+from fewshot_bench.run.transport import send_request
 from fewshot_bench.run.worker import MethodSpec, Worker, serve
 from fewshot_bench.tasks.external import import_episodes, import_task_set
 from fewshot_bench.tasks.manifest import (
@@ -536,11 +537,9 @@ def test_worker_refuses_pickled_state_bytes(evil) -> None:
     runner_end, worker_end = Pipe()
     thread = threading.Thread(target=serve, args=(worker_end, worker_end), daemon=True)
     thread.start()
-    runner_end.send_bytes(
-        pickle.dumps(("open", 1, MethodSpec("protonet"), "cpu", None, buf.getvalue()))
-    )
+    send_request(runner_end, None, ("open", 1, MethodSpec("protonet"), "cpu", None, buf.getvalue()))
     reply = json.loads(runner_end.recv_bytes())
-    runner_end.send_bytes(pickle.dumps(("exit",)))
+    send_request(runner_end, None, ("exit",))
     thread.join(10)
     assert reply["kind"] == "user" and "is unreadable" in reply["error"]
     assert reply["n_blobs"] == 0

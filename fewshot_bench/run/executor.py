@@ -26,12 +26,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import io
 import itertools
 import json
 import os
-import pickle
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +46,7 @@ import torch
 
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.run.assemble import queries_at_once
+from fewshot_bench.run.transport import send_request
 from fewshot_bench.run.worker import MethodSpec
 from fewshot_bench.tasks.task import Task
 
@@ -65,24 +65,6 @@ __all__ = [
 
 #: The ``--executor`` choices.
 EXECUTORS = ("serial", "processes", "ray")
-
-
-class _RequestPickler(pickle.Pickler):
-    """Pickles CPU tensors as numpy arrays (rebuilt by ``torch.from_numpy`` in the worker): the
-    same values and dtypes, without torch's per-tensor serialisation, which dominated the
-    runner's cost per episode."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is torch.Tensor and obj.device.type == "cpu" and not obj.requires_grad:
-            return torch.from_numpy, (obj.numpy(),)
-        return NotImplemented
-
-
-def dumps_request(request: tuple) -> bytes:
-    """A runner request as bytes for the worker (runner to worker only)."""
-    buf = io.BytesIO()
-    _RequestPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(request)
-    return buf.getvalue()
 
 
 class MethodError(FsbenchError):
@@ -199,6 +181,8 @@ class ProcessExecutor:
         self._ids = itertools.count(1)
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
+        # carries the sealed memory files of large arrays (fewshot_bench.run.transport)
+        self._files, worker_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -207,13 +191,15 @@ class ProcessExecutor:
                 str(to_worker_r),
                 str(from_worker_w),
                 str(os.getpid()),
+                str(worker_files.fileno()),
             ],
-            pass_fds=(to_worker_r, from_worker_w),
+            pass_fds=(to_worker_r, from_worker_w, worker_files.fileno()),
             stdin=subprocess.DEVNULL,
             env={**os.environ, **env} if env else None,
         )
         os.close(to_worker_r)
         os.close(from_worker_w)
+        worker_files.close()
         self._out = Connection(to_worker_w, readable=False)
         self._in = Connection(from_worker_r, writable=False)
         meta, _ = self._call("init", list(sys.path), list(self.plugins))
@@ -226,7 +212,7 @@ class ProcessExecutor:
 
     def _call(self, *request: Any) -> tuple[dict[str, Any], list[bytes]]:
         try:
-            self._out.send_bytes(dumps_request(request))
+            send_request(self._out, self._files, request)
             meta = json.loads(self._in.recv_bytes())
             blobs = [self._in.recv_bytes() for _ in range(int(meta.get("n_blobs", 0)))]
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
@@ -271,7 +257,7 @@ class ProcessExecutor:
     def close(self) -> None:
         if self.alive:
             try:
-                self._out.send_bytes(pickle.dumps(("exit",)))
+                send_request(self._out, None, ("exit",))
             except OSError:
                 pass
             try:
@@ -281,6 +267,7 @@ class ProcessExecutor:
                 self.proc.wait()
         self._out.close()
         self._in.close()
+        self._files.close()
 
 
 class Pending:

@@ -54,8 +54,17 @@ def _module_file(name: str) -> Path | None:
     return Path(spec.origin)
 
 
-def _imports(path: Path, module: str) -> set[str]:
+def _imports(path: Path, module: str) -> frozenset[str]:
     """Absolute names of the modules ``path`` imports (at any nesting level)."""
+    stat = path.stat()
+    return _parsed_imports(str(path), module, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_imports(path_name: str, module: str, mtime_ns: int, size: int) -> frozenset[str]:
+    # keyed on the file's stat: every method a worker opens shares the harness's files, and
+    # parsing them once per method took seconds per run
+    path = Path(path_name)
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
@@ -70,7 +79,7 @@ def _imports(path: Path, module: str) -> set[str]:
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
+    return frozenset(found)
 
 
 def source_closure(module: str, extra_roots: tuple[str, ...] = ("fewshot_bench",)) -> list[Path]:

@@ -1,8 +1,9 @@
 """The method worker: a separate process that runs methods on Tasks and never sees an answer.
 
 Started by :class:`fewshot_bench.run.executor.ProcessExecutor` as ``python -m
-fewshot_bench.run.worker READ_FD WRITE_FD RUNNER_PID``. It receives pickled requests (method specs, Tasks,
-seeds, fit data of base classes, cached states) from the runner and answers with JSON headers and
+fewshot_bench.run.worker READ_FD WRITE_FD RUNNER_PID [SOCKET_FD]``. It receives pickled requests (method
+specs, Tasks, seeds, fit data of base classes, cached states; large arrays beside them in a
+sealed memory file, see :mod:`fewshot_bench.run.transport`) from the runner and answers with JSON headers and
 raw array bytes only, so the runner never unpickles anything a method produced. Query labels,
 unlabeled labels, manifests and the results store stay in the runner's process.
 """
@@ -18,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from fewshot_bench.errors import FsbenchError
+from fewshot_bench.run.transport import recv_request
 
 
 @dataclass(frozen=True)
@@ -295,12 +298,13 @@ class Worker:
         return {"ok": True}, []
 
 
-def serve(inbox: Connection, outbox: Connection) -> None:
-    """Answer requests until the runner closes the pipe or sends ``("exit",)``."""
+def serve(inbox: Connection, outbox: Connection, files: socket.socket | None = None) -> None:
+    """Answer requests until the runner closes the pipe or sends ``("exit",)``; ``files``: the
+    socket that carries the sealed memory files of large arrays."""
     worker = Worker()
     while True:
         try:
-            request = pickle.loads(inbox.recv_bytes())
+            request = recv_request(inbox, files)
         except EOFError:
             return
         if request[0] == "exit":
@@ -369,8 +373,9 @@ def main(argv: list[str]) -> int:
     inbox = Connection(int(argv[0]), writable=False)
     outbox = Connection(int(argv[1]), readable=False)
     exit_with_runner(int(argv[2]) if len(argv) > 2 else os.getppid())
+    files = socket.socket(fileno=int(argv[3])) if len(argv) > 3 else None
     SANDBOX = confine()
-    serve(inbox, outbox)
+    serve(inbox, outbox, files)
     return 0
 
 
