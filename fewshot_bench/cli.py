@@ -466,6 +466,31 @@ def _stored_results(store: Path, names: list[str] | None):
     return df
 
 
+def _merged_results(stores: list[Path], names: list[str] | None):
+    """The rows of several stores for these names (see :func:`_stored_results`); a protocol found
+    in two stores is an error, since its tasks would count twice."""
+    import pandas as pd
+
+    from fewshot_bench.run.store import load_results
+
+    frames, owner = [], {}
+    for store in stores:
+        df = load_results(store, list(names or []) or None)
+        for proto in sorted(set(df["protocol"])):
+            if proto in owner:
+                raise FsbenchError(
+                    f"protocol {proto!r} has results in both {owner[proto]} and {store}: its tasks "
+                    "would count twice; give only one of these stores"
+                )
+            owner[proto] = store
+        frames.append(df)
+    merged = pd.concat(frames, ignore_index=True)
+    if merged.empty:
+        wanted = f" for {', '.join(names)}" if names else ""
+        raise FsbenchError(f"no results{wanted} in {', '.join(map(str, stores))}")
+    return merged
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fewshot_bench.report import summarise, to_csv, to_latex, to_markdown
 
@@ -505,7 +530,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         _output_folder("--html", args.html)
     # Everything comes from the store (read-only): names are the protocols and families its
     # rows record, never looked up in protocol files.
-    df = _stored_results(store, args.protocol)
+    extra = [w / "results.sqlite" for w in getattr(args, "also_workdir", None) or []]
+    df = (
+        _stored_results(store, args.protocol)
+        if not extra
+        else _merged_results([store, *extra], args.protocol)
+    )
     fam_of = _known_families(df)
     paths: list[Path] = []
     if args.out is not None:
@@ -842,6 +872,15 @@ def build_parser() -> argparse.ArgumentParser:
         "pages (give --out as well for both): index.html, one page per board with sortable "
         "columns, a setting filter, CI bars, plots and per-entry provenance; plain files that "
         "open from disk, no network",
+    )
+    p.add_argument(
+        "--also-workdir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="WORKDIR",
+        help="read this workdir's results store too (repeatable), e.g. a large protocol kept "
+        "in a store of its own; a protocol may have results in one store only",
     )
     _add_common(p, data=False)
     p.set_defaults(func=cmd_leaderboard)

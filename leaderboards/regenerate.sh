@@ -120,6 +120,17 @@ omniglot_metric_transfer() {  # every episode's pool: the unlabeled 60% of all 1
   fsbench leaderboard omniglot-metric-transfer $WM --out leaderboards/omniglot-metric-transfer
 }
 
+site() {  # the HTML site of every board, the shape and large-pool stores included when present
+  local also=() store
+  for store in "${RUNS:-runs}-shapes" "${RUNS:-runs}-mt"; do
+    [ -f "$store/results.sqlite" ] && also+=(--also-workdir "$store")
+  done
+  fsbench leaderboard --all --html leaderboards/site $W "${also[@]}"
+  # the README's picture of the site (Debian: apt-get install chromium)
+  chromium --headless=new --no-sandbox --disable-gpu --window-size=1200,1500 \
+    --screenshot=leaderboards/site-screenshot.png "file://$PWD/leaderboards/site/fashion-mnist-ssl.html"
+}
+
 case "${1:-}" in
   omniglot) omniglot ;;
   omniglot-semi) omniglot_semi ;;
@@ -129,10 +140,7 @@ case "${1:-}" in
   fashion-mnist-ssl-trained) fashion_mnist_ssl_trained ;;
   cifar10-ssl) cifar10_ssl ;;
   cifar10-ssl-trained) cifar10_ssl_trained ;;
-  site) fsbench leaderboard --all --html leaderboards/site $W
-    # the README's picture of the site (Debian: apt-get install chromium)
-    chromium --headless=new --no-sandbox --disable-gpu --window-size=1200,1500 \
-      --screenshot=leaderboards/site-screenshot.png "file://$PWD/leaderboards/site/fashion-mnist-ssl.html" ;;
-  all) omniglot; omniglot_semi; omniglot_shapes; omniglot_metric_transfer; fashion_mnist_ssl; fashion_mnist_ssl_trained; cifar10_ssl; cifar10_ssl_trained; fsbench leaderboard --all $W; fsbench leaderboard --all --html leaderboards/site $W ;;
+  site) site ;;
+  all) omniglot; omniglot_semi; omniglot_shapes; omniglot_metric_transfer; fashion_mnist_ssl; fashion_mnist_ssl_trained; cifar10_ssl; cifar10_ssl_trained; fsbench leaderboard --all $W; site ;;
   *) echo "usage: bash leaderboards/regenerate.sh omniglot|omniglot-semi|omniglot-shapes|omniglot-metric-transfer|fashion-mnist-ssl|fashion-mnist-ssl-trained|cifar10-ssl|cifar10-ssl-trained|site|all" >&2; exit 2 ;;
 esac

@@ -121,3 +121,25 @@ def test_leaderboard_names_come_from_the_store(tmp_path, workdir, capsys):
     assert main(["leaderboard", "--all", *base, "--out", str(out / "all")]) == 0
     index = (out / "all" / "index.md").read_text()
     assert f"[{FAMILY}]({FAMILY}.md)" in index and "(imported tasks)" in index
+
+
+def test_leaderboard_reads_several_stores_but_no_protocol_twice(tmp_path, workdir, capsys):
+    """`--also-workdir`: boards of a protocol kept in a store of its own join the others; the same
+    protocol in two stores would count its tasks twice and is refused."""
+    other = tmp_path / "runs-big"
+    with ResultsStore(other / "results.sqlite") as store:
+        store.append(
+            ResultRow(**v2_row("big", m, 0, t, acc, family="big"))
+            for t in range(4)
+            for m, acc in (("alpha", 0.7), ("beta", 0.9))
+        )
+    out = tmp_path / "lb"
+    both = ["--workdir", str(workdir), "--also-workdir", str(other)]
+    assert main(["leaderboard", "--all", *both, "--out", str(out)]) == 0
+    index = (out / "index.md").read_text()
+    assert "[big](big.md)" in index and f"[{FAMILY}]({FAMILY}.md)" in index
+    assert "| 1 | beta |" in (out / "big.md").read_text()
+    assert main(["leaderboard", "--all", *both, "--also-workdir", str(workdir), "--out",
+                 str(out)]) == 2  # fmt: skip
+    err = _error(capsys)
+    assert "both" in err and "count twice" in err
