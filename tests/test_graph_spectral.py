@@ -11,7 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from fewshot_bench.graph.build import Graph, build_graph
-from fewshot_bench.graph.spectral import extend_to_out_nodes, spectral_embedding, vote
+from fewshot_bench.graph.spectral import Voters, extend_to_out_nodes, spectral_embedding, vote
 
 
 def _two_cliques(m: int = 6) -> sp.csr_matrix:
@@ -83,6 +83,39 @@ def test_vote_by_hand() -> None:
     assert got[0, 2] == -math.inf  # a class without labels
     w = vote(a, labels, t, 2, sigma, weights=torch.tensor([1.0, 0.0, 1.0]))
     torch.testing.assert_close(w[0, 0], torch.tensor(sigma * 1.0))
+
+
+@pytest.mark.parametrize("by_class", [True, False])
+def test_both_vote_paths_match_a_float64_reference(by_class: bool) -> None:
+    """The class-by-class path (large voter sets on CPU) and the scatter path give eq. 5's
+    weighted class means of ``exp(σ cos)`` on real features, a class without voters at -inf."""
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(0)
+    voters, targets = rng.permutation(len(x))[:1200], rng.permutation(len(x))[:300]
+    labels = np.where(y[voters] == 9, 3, y[voters])  # class 9 gets no voters
+    w = rng.uniform(0.0, 1.0, len(voters))
+    w[:50] = 0.0  # α = 0: no vote
+    sigma = 20.0
+    v = Voters(
+        torch.from_numpy(x[voters]),
+        torch.from_numpy(labels),
+        10,
+        sigma,
+        weights=torch.from_numpy(w),
+        max_block=4096,
+    )
+    v.by_class = by_class
+    got = v(torch.from_numpy(x[targets])).double().numpy()
+
+    def unit(z: np.ndarray) -> np.ndarray:
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    e = np.exp(sigma * unit(x[targets]) @ unit(x[voters]).T)  # float64, at most e^20
+    for c in range(9):
+        m = labels == c
+        want = np.log((e[:, m] * w[m]).sum(1) / w[m].sum())
+        np.testing.assert_allclose(got[:, c], want, rtol=0, atol=2e-5)
+    assert np.isneginf(got[:, 9]).all()
 
 
 # ---------------------------------------------------------------- eq. 6 against a dense reference
