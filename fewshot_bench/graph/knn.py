@@ -36,6 +36,9 @@ INDEXES = ("auto", "flat", "ivf", "hnsw")
 FLAT_MAX_PAIRS = 200_000_000
 #: Largest similarity block (floats) materialised at once by the torch / list-major paths.
 _BLOCK_FLOATS = 1 << 24
+#: Score block of the CPU coarse probe: ~4 MiB stays in cache for the top-k that follows (100k
+#: queries x 1024 centroids, 2 threads: 0.155 s against 0.22 s in 16M-float blocks, same lists).
+_PROBE_BLOCK_FLOATS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,8 @@ class KnnIndex:
         cnorm = cent.pow(2).sum(1)
         nprobe = min(nprobe, cent.shape[0])
         out = np.empty((xq.shape[0], nprobe), np.int64)
-        step = max(1, min(_BLOCK_FLOATS // max(cent.shape[0], 1), -(-xq.shape[0] // n_workers())))
+        block_floats = _BLOCK_FLOATS if self._torch_path else _PROBE_BLOCK_FLOATS
+        step = max(1, min(block_floats // max(cent.shape[0], 1), -(-xq.shape[0] // n_workers())))
 
         def block(s: int) -> None:
             q = torch.from_numpy(xq[s : s + step]).to(dev)
