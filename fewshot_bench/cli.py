@@ -895,8 +895,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fewshot_bench.run.heap import keep_freed_memory
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # this process assembles task after task of the same size
     try:
         return int(args.func(args) or 0)
     except FsbenchError as exc:

@@ -46,6 +46,7 @@ import torch
 
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.run.assemble import queries_at_once
+from fewshot_bench.run.heap import worker_env
 from fewshot_bench.run.transport import send_request
 from fewshot_bench.run.worker import MethodSpec
 from fewshot_bench.tasks.task import Task
@@ -195,7 +196,7 @@ class ProcessExecutor:
             ],
             pass_fds=(to_worker_r, from_worker_w, worker_files.fileno()),
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **env} if env else None,
+            env=worker_env(env),
         )
         os.close(to_worker_r)
         os.close(from_worker_w)

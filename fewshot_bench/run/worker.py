@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fewshot_bench.errors import FsbenchError
+from fewshot_bench.run.heap import keep_freed_memory
 from fewshot_bench.run.transport import recv_request
 
 
@@ -374,6 +375,7 @@ def main(argv: list[str]) -> int:
     outbox = Connection(int(argv[1]), readable=False)
     exit_with_runner(int(argv[2]) if len(argv) > 2 else os.getppid())
     files = socket.socket(fileno=int(argv[3])) if len(argv) > 3 else None
+    keep_freed_memory()
     SANDBOX = confine()
     serve(inbox, outbox, files)
     return 0
