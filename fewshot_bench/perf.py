@@ -45,7 +45,13 @@ def add_perf_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--n", type=int, default=100_000, help="number of points (default 100000)")
     p.add_argument("--dim", type=int, default=64, help="feature dimension after PCA (default 64)")
-    p.add_argument("--k", type=int, default=30, help="neighbours per node (default 30)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="neighbours per node, for our graph and LabelSpreading's alike (default: 30 for "
+        "diffusion, Douze et al.'s value; 10 for spectral, the spectral-propagation method's own)",
+    )
     p.add_argument("--method", choices=("diffusion", "spectral", "nn"), default="diffusion")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.add_argument("--data", choices=("fashion-mnist", "synthetic"), default="fashion-mnist")
@@ -320,8 +326,23 @@ def _in_subprocess(
     return payload
 
 
+#: ``--k`` default for diffusion (Douze et al.'s k).
+DIFFUSION_K = 30
+
+
+def neighbour_count(args: argparse.Namespace) -> int:
+    """``--k``, else the benchmarked method's own default: 30 for diffusion, the
+    spectral-propagation method's ``k="auto"`` on a large pool (10) for spectral."""
+    if args.k is not None:
+        return int(args.k)
+    from fewshot_bench.methods.propagation import K_AUTO_MAX
+
+    return K_AUTO_MAX if args.spectral_solvers or args.method == "spectral" else DIFFUSION_K
+
+
 def main_propagation(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` and print the comparison table."""
+    args.k = neighbour_count(args)
     if args.spectral_solvers:
         return main_spectral_solvers(args)
     import torch

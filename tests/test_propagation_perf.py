@@ -18,14 +18,15 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_parser_defaults() -> None:
     args = _args("--n", "5000", "--method", "spectral")
-    assert (args.n, args.dim, args.k, args.method, args.sklearn_max_n) == (
-        5000,
-        64,
-        30,
-        "spectral",
-        200000,
-    )
+    assert (args.n, args.dim, args.method, args.sklearn_max_n) == (5000, 64, "spectral", 200000)
     assert args.func is perf.main_propagation
+
+
+def test_each_method_is_benchmarked_at_its_own_neighbour_count() -> None:
+    assert perf.neighbour_count(_args()) == 30  # diffusion: Douze et al.'s k
+    assert perf.neighbour_count(_args("--method", "spectral")) == 10  # the method's k="auto"
+    assert perf.neighbour_count(_args("--spectral-solvers")) == 10
+    assert perf.neighbour_count(_args("--method", "spectral", "--k", "30")) == 30
 
 
 def test_synthetic_data_and_seeds() -> None:
