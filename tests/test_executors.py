@@ -180,6 +180,35 @@ def _assembled(proto, pool, workdir, n):
     return out
 
 
+def test_a_task_assembled_without_its_pool_keeps_support_and_queries(small, tmp_path) -> None:
+    """Inductive methods never receive the unlabeled pool, so the runner skips assembling it;
+    what they do receive is the same bytes in the same order."""
+    import numpy as np
+    import torch
+
+    from fewshot_bench.run.assemble import assemble_task
+    from fewshot_bench.tasks.manifest import load_task_sets
+    from fewshot_bench.tasks.task import task_truth
+
+    proto, pool = small
+    manifest = load_task_sets(proto, pool, tmp_path, [0])[0]
+    feats = pool.data.images.reshape(len(pool.data), -1).float() / 255
+    labels = np.asarray(pool.data.labels)
+    for i in range(3):
+        idx = manifest.task(i)
+        full, lean = (
+            assemble_task(feats, "features", idx, task_truth(idx, labels), 0, i, unlabeled=u)
+            for u in (True, False)
+        )
+        assert full.task.unlabeled.shape[0] > 0 and lean.task.unlabeled.shape[0] == 0
+        assert lean.task.unlabeled.shape[1:] == full.task.unlabeled.shape[1:]
+        for name in ("support", "support_labels", "query"):
+            assert torch.equal(getattr(full.task, name), getattr(lean.task, name))
+        np.testing.assert_array_equal(full.truth.query_labels, lean.truth.query_labels)
+        np.testing.assert_array_equal(full.query_order, lean.query_order)
+        assert lean.truth.unlabeled_labels.size == 0
+
+
 def test_training_method_fits_once_and_every_worker_gets_its_state(
     shared_data, tmp_path, monkeypatch
 ):

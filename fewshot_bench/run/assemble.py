@@ -57,8 +57,13 @@ def assemble_task(
     seed: int,
     task_index: int,
     stream: int = ORDER_STREAM,
+    *,
+    unlabeled: bool = True,
 ) -> AssembledTask:
-    """Gather task ``task_index`` of ``seed`` from the pool tensor in a seeded random order."""
+    """Gather task ``task_index`` of ``seed`` from the pool tensor in a seeded random order.
+
+    ``unlabeled=False`` leaves the unlabeled pool out (for a method that will not receive it);
+    the support and queries are the same either way (each role has its own order key)."""
     key = hashlib.blake2b(f"{seed}|{task_index}|{stream}".encode(), digest_size=32).digest()
     # numpy gathers (pool tensors live on the CPU): a torch index of a few rows costs
     # milliseconds of thread start-up, which dominated runs of many small episodes
@@ -70,14 +75,15 @@ def assemble_task(
         return torch.from_numpy(items[perm]), perm
 
     support, perm_s = take(idx.support, b"s")
-    unlabeled, perm_u = take(idx.unlabeled, b"u")
+    unlabeled_rows = idx.unlabeled if unlabeled else np.zeros(0, dtype=np.int64)
+    unlabeled_items, perm_u = take(unlabeled_rows, b"u")
     query, perm_q = take(idx.query, b"q")
     task = Task(
         support=support,
         support_labels=torch.from_numpy(
             np.ascontiguousarray(idx.support_labels[perm_s], dtype=np.int64)
         ),
-        unlabeled=unlabeled,
+        unlabeled=unlabeled_items,
         query=query,
         n_way=idx.n_way,
         kind=kind,

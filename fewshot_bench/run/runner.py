@@ -78,12 +78,13 @@ def _assemble_chunk(
     tensor: torch.Tensor,
     consumes: str,
     seed: int,
+    unlabeled: bool,
 ) -> list:
     built = []
     for i in chunk:
         idx = manifest.task(i)
         truth = task_truth(idx, pool_labels)
-        built.append(assemble_task(tensor, consumes, idx, truth, seed, i))
+        built.append(assemble_task(tensor, consumes, idx, truth, seed, i, unlabeled=unlabeled))
     return built
 
 
@@ -498,6 +499,8 @@ def _evaluate_seed(
         tensor=run.tensor,
         consumes=run.info["consumes"],
         seed=seed,
+        # an inductive method never receives the unlabeled pool (executor.given_task)
+        unlabeled=run.info["setting"] != "inductive",
     )
     finish = functools.partial(
         _store_chunk,
