@@ -86,6 +86,9 @@ def add_perf_parser(subparsers: Any) -> argparse.ArgumentParser:
     from fewshot_bench.perf_episodes import add_episodes_parser
 
     add_episodes_parser(sub)
+    from fewshot_bench.perf_vote import add_vote_parser
+
+    add_vote_parser(sub)
     return perf
 
 
