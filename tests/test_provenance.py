@@ -60,6 +60,28 @@ def test_rows_describe_themselves(tmp_path, pool, executor):
     assert row.hardware and row.package_version
 
 
+def test_rows_record_the_worker_threads_when_they_are_set(tmp_path, pool):
+    """BLAS sums depend on the thread count, so a row says how many CPU threads its worker was
+    given (OMP_NUM_THREADS) where that differs from the cores."""
+    import os
+
+    from fewshot_bench.run.provenance import hardware
+
+    proto = load_protocol_file(write_protocol(tmp_path))[0]
+    one = ProcessExecutor(env={"OMP_NUM_THREADS": "1"})
+    try:
+        assert one.worker_threads == 1
+        _run(proto, MethodSpec("nearest-prototype"), tmp_path, pool, one)
+    finally:
+        one.close()
+    recorded = set(load_results(tmp_path / "results.sqlite").hardware)
+    assert recorded == {hardware("cpu", 1)}
+    cores = os.cpu_count()
+    assert hardware("cpu", cores) == hardware("cpu") == hardware("cpu", None)
+    if cores and cores > 1:
+        assert hardware("cpu", 1).endswith(f"({cores} cores, 1 thread)")
+
+
 def test_a_file_named_by_a_parameter_is_hashed(tmp_path, pool, executor):
     """Retraining a checkpoint at the same path (here: rewriting the file a parameter names)
     makes the stored rows stale: every task runs again."""

@@ -46,7 +46,7 @@ import torch
 
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.run.assemble import queries_at_once
-from fewshot_bench.run.heap import worker_env
+from fewshot_bench.run.heap import configured_threads, worker_env
 from fewshot_bench.run.transport import send_request
 from fewshot_bench.run.worker import MethodSpec
 from fewshot_bench.tasks.task import Task
@@ -184,6 +184,9 @@ class ProcessExecutor:
         from_worker_r, from_worker_w = os.pipe()
         # carries the sealed memory files of large arrays (fewshot_bench.run.transport)
         self._files, worker_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        environment = worker_env(env)
+        #: the worker's CPU threads where OMP_NUM_THREADS sets them (recorded with the hardware)
+        self.worker_threads = configured_threads(environment)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -196,7 +199,7 @@ class ProcessExecutor:
             ],
             pass_fds=(to_worker_r, from_worker_w, worker_files.fileno()),
             stdin=subprocess.DEVNULL,
-            env=worker_env(env),
+            env=environment,
         )
         os.close(to_worker_r)
         os.close(from_worker_w)
@@ -406,6 +409,7 @@ class ParallelExecutor:
             env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
         self._ids = itertools.count(1)
         self._subs: dict[int, dict[int, MethodHandle]] = {}
+        self.worker_threads = configured_threads(worker_env(env))
         # workers start concurrently (each imports torch), each in its own lane
         self.lanes = [_Lane(lambda: ProcessExecutor(self.plugins, env=env)) for _ in range(jobs)]
         errors = []

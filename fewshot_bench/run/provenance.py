@@ -146,8 +146,10 @@ def git_commit() -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def hardware(device: str = "cpu") -> str:
-    """A short description of the machine: CPU model and core count, and the GPU when used."""
+def hardware(device: str = "cpu", threads: int | None = None) -> str:
+    """A short description of the machine: CPU model and core count, the CPU threads the method
+    was given when that was set and differs from the cores (BLAS sums, hence the last digits of
+    some results, depend on it), and the GPU when used."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -156,7 +158,10 @@ def hardware(device: str = "cpu") -> str:
                 break
     except OSError:
         pass
-    text = f"{cpu} ({os.cpu_count()} cores)"
+    cores = os.cpu_count()
+    text = f"{cpu} ({cores} cores)"
+    if threads is not None and threads != cores:
+        text = f"{cpu} ({cores} cores, {threads} thread{'' if threads == 1 else 's'})"
     if device.startswith("cuda"):
         import torch
 

@@ -434,7 +434,8 @@ def _common_fields(
         "seed": seed,
         # where the method ran: a Ray worker may hold a GPU the driver lacks
         "device": handle.device,
-        "hardware": handle.info.get("hardware") or hardware(handle.device),
+        "hardware": handle.info.get("hardware")
+        or hardware(handle.device, getattr(prep.executor, "worker_threads", None)),
         "x_value": protocol.x_value,
         "x_label": protocol.x_label,
         "package_version": fewshot_bench.__version__,
