@@ -126,12 +126,21 @@ def load_fashion_mnist(root: str | None = None) -> tuple[np.ndarray, np.ndarray]
     return x.reshape(-1, 784).astype(np.float32) / 255.0, y.astype(np.int64)
 
 
-def pca(x: np.ndarray, dim: int, rng: np.random.Generator, fit_size: int = 20000) -> np.ndarray:
-    """Project on the top ``dim`` principal axes (fitted on a random subset)."""
+def pca_axes(
+    x: np.ndarray, dim: int, rng: np.random.Generator, fit_size: int = 20000
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of ``x`` and its top ``dim`` principal axes ``[d, dim]`` (fitted on a random
+    subset of ``fit_size`` rows)."""
     mean = x.mean(0)
     sub = x[rng.choice(len(x), min(len(x), fit_size), replace=False)] - mean
     _, _, vt = np.linalg.svd(sub, full_matrices=False)
-    return ((x - mean) @ vt[:dim].T).astype(np.float32)
+    return mean, vt[:dim].T
+
+
+def pca(x: np.ndarray, dim: int, rng: np.random.Generator, fit_size: int = 20000) -> np.ndarray:
+    """Project on the top ``dim`` principal axes (fitted on a random subset)."""
+    mean, axes = pca_axes(x, dim, rng, fit_size)
+    return ((x - mean) @ axes).astype(np.float32)
 
 
 def make_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:

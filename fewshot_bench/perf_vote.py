@@ -47,11 +47,12 @@ def add_vote_parser(sub: Any) -> None:
 def _features(
     x_train: np.ndarray, x_test: np.ndarray, dim: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Both sets projected on the training set's principal axes (the pixels at ``dim >= 784``)."""
     if dim >= x_train.shape[1]:
         return x_train, x_test
-    mean = x_train.mean(0)
-    fit = x_train[rng.choice(len(x_train), min(len(x_train), 20_000), replace=False)] - mean
-    axes = np.linalg.svd(fit, full_matrices=False)[2][:dim].T
+    from fewshot_bench.perf import pca_axes
+
+    mean, axes = pca_axes(x_train, dim, rng)
     return ((x_train - mean) @ axes).astype(np.float32), ((x_test - mean) @ axes).astype(np.float32)
 
 
