@@ -107,11 +107,17 @@ def decode_scores(meta: dict[str, Any], blobs: list[bytes]) -> list[torch.Tensor
 _CHUNKS = itertools.count()
 
 
+def receives_unlabeled(setting: str) -> bool:
+    """Whether a method of ``setting`` is given the task's unlabeled pool: all but inductive ones
+    (the runner does not even assemble it for those)."""
+    return setting != "inductive"
+
+
 def given_task(task: Task, setting: str) -> Task:
-    """What a method of ``setting`` receives before its queries: no queries, and no unlabeled
-    pool unless it is semi-supervised."""
+    """What a non-transductive method of ``setting`` receives before its queries: no queries,
+    and no unlabeled pool unless it is semi-supervised."""
     empty_q = task.query[:0]
-    if setting == "semi-supervised":
+    if receives_unlabeled(setting):
         return replace(task, query=empty_q)
     return replace(task, query=empty_q, unlabeled=task.unlabeled[:0])
 

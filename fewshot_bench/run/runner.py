@@ -29,7 +29,13 @@ from fewshot_bench.data.base import LabeledData, cache_root
 from fewshot_bench.errors import FsbenchError, ProtocolError
 from fewshot_bench.methods.base import Method
 from fewshot_bench.run.assemble import assemble_task, score_task, task_seed
-from fewshot_bench.run.executor import MethodError, MethodHandle, MethodSpec, shared_executor
+from fewshot_bench.run.executor import (
+    MethodError,
+    MethodHandle,
+    MethodSpec,
+    receives_unlabeled,
+    shared_executor,
+)
 from fewshot_bench.run.features import pool_features
 from fewshot_bench.run.provenance import backbone_hash, git_commit, hardware, referenced_files
 from fewshot_bench.run.store import ResultRow, ResultsStore, config_json
@@ -500,8 +506,7 @@ def _evaluate_seed(
         tensor=run.tensor,
         consumes=run.info["consumes"],
         seed=seed,
-        # an inductive method never receives the unlabeled pool (executor.given_task)
-        unlabeled=run.info["setting"] != "inductive",
+        unlabeled=receives_unlabeled(run.info["setting"]),
     )
     finish = functools.partial(
         _store_chunk,
