@@ -180,6 +180,14 @@ def _assembled(proto, pool, workdir, n):
     return out
 
 
+def test_parallel_workers_report_the_threads_they_were_given(pair) -> None:
+    """Rows of a --executor processes run record the threads each worker got (cores // jobs
+    unless OMP_NUM_THREADS is set)."""
+    expected = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+    assert pair.worker_threads == int(expected)
+    assert {lane.executor.worker_threads for lane in pair.lanes} == {int(expected)}
+
+
 def test_a_task_assembled_without_its_pool_keeps_support_and_queries(small, tmp_path) -> None:
     """Inductive methods never receive the unlabeled pool, so the runner skips assembling it;
     what they do receive is the same bytes in the same order."""

@@ -46,7 +46,7 @@ import torch
 
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.run.assemble import queries_at_once
-from fewshot_bench.run.heap import configured_threads, worker_env
+from fewshot_bench.run.heap import worker_env
 from fewshot_bench.run.transport import send_request
 from fewshot_bench.run.worker import MethodSpec
 from fewshot_bench.tasks.task import Task
@@ -105,6 +105,12 @@ def decode_scores(meta: dict[str, Any], blobs: list[bytes]) -> list[torch.Tensor
 
 
 _CHUNKS = itertools.count()
+
+
+def configured_threads(env: dict[str, str]) -> int | None:
+    """The CPU threads ``OMP_NUM_THREADS`` in ``env`` gives a worker's torch, or None if unset."""
+    value = env.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def receives_unlabeled(setting: str) -> bool:
@@ -415,6 +421,7 @@ class ParallelExecutor:
             env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
         self._ids = itertools.count(1)
         self._subs: dict[int, dict[int, MethodHandle]] = {}
+        #: every lane's worker gets this environment, hence these threads
         self.worker_threads = configured_threads(worker_env(env))
         # workers start concurrently (each imports torch), each in its own lane
         self.lanes = [_Lane(lambda: ProcessExecutor(self.plugins, env=env)) for _ in range(jobs)]

@@ -54,12 +54,6 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_MAX, 0))
 
 
-def configured_threads(env: dict[str, str]) -> int | None:
-    """The CPU threads ``OMP_NUM_THREADS`` in ``env`` gives a worker's torch, or None if unset."""
-    value = env.get("OMP_NUM_THREADS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a method worker: this process's, plus :data:`WORKER_ENV` where the user
     has not set those variables, plus ``extra``."""
