@@ -119,3 +119,88 @@ def test_a_plugin_cannot_overwrite_any_memory_file_and_workers_agree_with_in_ban
     finally:
         ex.close()
     assert torch.equal(by_file, in_band)
+
+
+def _record_passed_files(monkeypatch) -> list[list[tuple[int, int]]]:
+    """Per request sent, (inode, size) of each descriptor passed."""
+    sent: list[list[tuple[int, int]]] = []
+    real = socket.send_fds
+
+    def spy(sock, buffers, fds, *args):
+        sent.append([(os.fstat(fd).st_ino, os.fstat(fd).st_size) for fd in fds])
+        return real(sock, buffers, fds, *args)
+
+    monkeypatch.setattr(transport.socket, "send_fds", spy)
+    return sent
+
+
+def test_a_sealed_tensor_passes_its_own_file_to_every_request(mnist, channel, monkeypatch):
+    runner_end, runner_sock, worker_end, worker_sock = channel
+    task = _task(mnist)
+    labels = task.support_labels
+    assert transport.sealed_tensor(labels) is labels  # below the out-of-band size: as it was
+    shared = Task(
+        transport.sealed_tensor(task.support),
+        labels,
+        transport.sealed_tensor(task.unlabeled),
+        transport.sealed_tensor(task.query),
+        10,
+        "features",
+    )
+    for name in ("support", "unlabeled", "query"):
+        assert torch.equal(getattr(shared, name), getattr(task, name))
+    sent = _record_passed_files(monkeypatch)
+    writes = []
+    monkeypatch.setattr(
+        transport,
+        "sealed_memory_file",
+        lambda b, s, real=transport.sealed_memory_file: writes.append(len(b)) or real(b, s),
+    )
+    for _ in range(2):  # two methods receiving the same chunk: no bytes written again
+        send_request(runner_end, runner_sock, ("predict", 1, [shared], [0], "cpu"))
+        got = recv_request(worker_end, worker_sock)[2][0]
+        for name in ("support", "unlabeled", "query"):
+            assert torch.equal(getattr(got, name), getattr(task, name)), name
+        got.unlabeled.zero_()  # copy-on-write in the receiver, as with a new file
+    assert writes == []
+    assert sent[0] == sent[1] and len(sent[0]) == 3
+    sizes = sorted(size for _, size in sent[0])
+    assert sizes == sorted(t.nbytes for t in (task.support, task.unlabeled, task.query))
+    assert shared.unlabeled.any()
+
+
+def test_a_slice_of_a_sealed_tensor_never_passes_the_whole_file(mnist, channel, monkeypatch):
+    """One query sent to a worker must not hand it the file of all the queries."""
+    runner_end, runner_sock, worker_end, worker_sock = channel
+    queries = transport.sealed_tensor(_task(mnist).query)
+    whole = {ino for ino, _ in [(os.fstat(fd).st_ino, 0) for fd in transport._SEALED.values()]}
+    sent = _record_passed_files(monkeypatch)
+    for part in (queries[:100], queries[100:]):  # 313 KB and 2.8 MB: both out of band
+        send_request(runner_end, runner_sock, ("score", (1, 0), [(0, part)]))
+        ((_, got),) = recv_request(worker_end, worker_sock)[2]
+        assert torch.equal(got, part)
+    assert [len(files) for files in sent] == [1, 1]
+    assert not {ino for files in sent for ino, _ in files} & whole
+    assert sent[0][0][1] < queries.nbytes and sent[1][0][1] < queries.nbytes
+
+
+def test_a_sealed_tensors_file_is_sealed_and_closed_with_its_last_view(mnist):
+    import fcntl
+    import gc
+
+    t = transport.sealed_tensor(mnist[0][:1000])
+    key = (t.data_ptr(), t.nbytes)
+    fd = transport._SEALED[key]
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+    with pytest.raises(PermissionError):
+        os.pwrite(fd, b"x", 0)
+    view = t[10:20]
+    del t
+    gc.collect()
+    assert key in transport._SEALED  # a view still holds the mapping
+    del view
+    gc.collect()
+    assert key not in transport._SEALED
+    with pytest.raises(OSError):
+        os.fstat(fd)

@@ -14,7 +14,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,12 +37,14 @@ from fewshot_bench.run.executor import (
     shared_executor,
 )
 from fewshot_bench.run.features import pool_features
+from fewshot_bench.run.feed import ChunkKey, TaskFeed
 from fewshot_bench.run.provenance import backbone_hash, git_commit, hardware, referenced_files
 from fewshot_bench.run.store import ResultRow, ResultsStore, config_json
+from fewshot_bench.run.transport import sealed_tensor
 from fewshot_bench.runtime import resolve_device
 from fewshot_bench.tasks.manifest import Manifest, load_task_sets
 from fewshot_bench.tasks.protocol import Pool, Protocol, load_pool
-from fewshot_bench.tasks.task import task_truth
+from fewshot_bench.tasks.task import Task, task_truth
 
 __all__ = ["RunSummary", "as_spec", "resolve_device", "run_protocol", "score_task", "task_seed"]
 
@@ -381,21 +383,30 @@ def _prepare(
     )
 
 
-def _fit_or_load(
-    prep: _Prepared,
-    spec: MethodSpec,
-    info: dict[str, Any],
-    tensors: dict[str, torch.Tensor],
-) -> _MethodRun:
-    """The method's configuration and the tasks not yet stored per seed; the method is opened
-    (trained, or loaded from its cached state) only when there is work or a state to save.
-    ``tensors`` caches the pool tensors across methods."""
+def _method_todo(
+    prep: _Prepared, info: dict[str, Any]
+) -> tuple[dict[str, Any], str, dict[int, list[int]]]:
+    """The method's configuration, its hash, and the tasks not yet stored per seed."""
     config, run_hash = method_config(info, prep.backbone, prep.budget)
     todo: dict[int, list[int]] = {}
     for seed, manifest in prep.task_sets.items():
         key = row_key(prep.protocol, manifest, info, config, run_hash, seed)
         done = prep.store.done_tasks(key)
         todo[seed] = [i for i in range(prep.n_tasks[seed]) if i not in done]
+    return config, run_hash, todo
+
+
+def _fit_or_load(
+    prep: _Prepared,
+    spec: MethodSpec,
+    info: dict[str, Any],
+    plan: tuple[dict[str, Any], str, dict[int, list[int]]],
+    tensors: dict[str, torch.Tensor],
+) -> _MethodRun:
+    """The method with its ``plan`` (:func:`_method_todo`), opened (trained, or loaded from its
+    cached state) only when there is work or a state to save. ``tensors`` caches the pool
+    tensors across methods."""
+    config, run_hash, todo = plan
     handle = None
     tensor = None
     if any(todo.values()) or prep.save_state is not None:
@@ -485,7 +496,12 @@ def _run_chunks(
 
 
 def _evaluate_seed(
-    prep: _Prepared, run: _MethodRun, seed: int, manifest: Manifest, summary: RunSummary
+    prep: _Prepared,
+    run: _MethodRun,
+    seed: int,
+    manifest: Manifest,
+    summary: RunSummary,
+    feed: TaskFeed,
 ) -> None:
     """Run one method's remaining tasks of one task set and store their rows."""
     handle = cast(MethodHandle, run.handle)  # opened: this seed has work
@@ -499,15 +515,10 @@ def _evaluate_seed(
         unit="task",
         dynamic_ncols=True,
     )
-    build = functools.partial(
-        _assemble_chunk,
-        manifest=manifest,
-        pool_labels=prep.pool_labels,
-        tensor=run.tensor,
-        consumes=run.info["consumes"],
-        seed=seed,
-        unlabeled=receives_unlabeled(run.info["setting"]),
-    )
+
+    def build(chunk: list[int]) -> list:
+        return feed.get(_chunk_key(run.info, seed, chunk))
+
     finish = functools.partial(
         _store_chunk,
         name=name,
@@ -521,7 +532,7 @@ def _evaluate_seed(
     bar.close()
 
 
-def _evaluate(prep: _Prepared, run: _MethodRun) -> list[RunSummary]:
+def _evaluate(prep: _Prepared, run: _MethodRun, feed: TaskFeed) -> list[RunSummary]:
     """One summary per seed for the method; the seeds with tasks left are run and stored."""
     summaries = []
     for seed, manifest in prep.task_sets.items():
@@ -531,7 +542,7 @@ def _evaluate(prep: _Prepared, run: _MethodRun) -> list[RunSummary]:
         )
         summaries.append(summary)
         if todo:
-            _evaluate_seed(prep, run, seed, manifest, summary)
+            _evaluate_seed(prep, run, seed, manifest, summary, feed)
     return summaries
 
 
@@ -580,9 +591,54 @@ def run_protocol(
     )
     tensors: dict[str, torch.Tensor] = {}
     summaries: list[RunSummary] = []
-    for spec, info in zip(prep.specs, prep.infos, strict=True):
-        run = _fit_or_load(prep, spec, info, tensors)
-        summaries.extend(_evaluate(prep, run))
-        if run.handle is not None:
-            prep.executor.release(run.handle)
+    plans = [_method_todo(prep, info) for info in prep.infos]
+    with _task_feed(prep, plans, tensors) as feed:
+        for spec, info, plan in zip(prep.specs, prep.infos, plans, strict=True):
+            run = _fit_or_load(prep, spec, info, plan, tensors)
+            summaries.extend(_evaluate(prep, run, feed))
+            if run.handle is not None:
+                prep.executor.release(run.handle)
     return summaries
+
+
+def _sealed_task(task: Task) -> Task:
+    return replace(
+        task,
+        support=sealed_tensor(task.support),
+        unlabeled=sealed_tensor(task.unlabeled),
+        query=sealed_tensor(task.query),
+    )
+
+
+def _chunk_key(info: dict[str, Any], seed: int, chunk: list[int]) -> ChunkKey:
+    return ChunkKey(info["consumes"], seed, tuple(chunk), receives_unlabeled(info["setting"]))
+
+
+def _task_feed(prep: _Prepared, plans: list, tensors: dict[str, torch.Tensor]) -> TaskFeed:
+    """The run's chunks in evaluation order (methods, then seeds, then chunks), assembled ahead.
+    The pool tensors they need are loaded into ``tensors`` first (before any method opens, so a
+    pool that cannot give a method what it consumes fails the run before any task)."""
+    schedule = [
+        _chunk_key(info, seed, chunk)
+        for info, (_, _, todos) in zip(prep.infos, plans, strict=True)
+        for seed, todo in todos.items()
+        for chunk in _batches(todo, prep.batch_size)
+    ]
+    for consumes in dict.fromkeys(key.consumes for key in schedule):
+        pool_tensor(prep.pool, consumes, prep.backbone, prep.device, tensors)
+
+    def build(key: ChunkKey) -> list:
+        built = _assemble_chunk(
+            list(key.tasks),
+            manifest=prep.task_sets[key.seed],
+            pool_labels=prep.pool_labels,
+            tensor=tensors[key.consumes],
+            consumes=key.consumes,
+            seed=key.seed,
+            unlabeled=key.unlabeled,
+        )
+        # written once into sealed files here, off the worker's critical path; every method
+        # that gets the chunk then receives the files' descriptors
+        return [replace(b, task=_sealed_task(b.task)) for b in built]
+
+    return TaskFeed(schedule, build)
