@@ -20,7 +20,10 @@ def reference_hashes(x: np.ndarray, seed: int, n_hashes: int) -> np.ndarray:
     out = np.zeros((n, n_hashes), dtype=np.uint64)
     for i in range(n):
         for j in range(n_hashes):
-            h = sum(int(w) * (2 * int(m) + 1) for w, m in zip(words[i], mult[:, j])) & M64
+            h = (
+                sum(int(w) * (2 * int(m) + 1) for w, m in zip(words[i], mult[:, j], strict=True))
+                & M64
+            )
             h ^= h >> 30
             h = (h * 0xBF58476D1CE4E5B9) & M64
             h ^= h >> 27
@@ -48,5 +51,7 @@ def test_a_rows_hash_depends_on_its_bytes_only():
     x = load_digits().data[:30].astype(np.float32)
     perm = np.random.default_rng(0).permutation(30)
     h = row_hashes(x, np.random.default_rng(3), n_hashes=2)
-    np.testing.assert_array_equal(row_hashes(x[perm], np.random.default_rng(3), n_hashes=2), h[perm])
+    np.testing.assert_array_equal(
+        row_hashes(x[perm], np.random.default_rng(3), n_hashes=2), h[perm]
+    )
     assert len(np.unique(h[:, 0])) == len(np.unique(x, axis=0))
