@@ -136,12 +136,16 @@ def score_task(
             f"method {method!r} returned scores of shape {tuple(scores.shape)}, expected {(n_query, n_way)}"
         )
     scores = scores.detach().float().cpu()
-    if not torch.isfinite(scores).all():
+    # numpy: torch would start its thread pool for these small checks while the worker holds
+    # every core (~10 ms each); numpy's argmax also returns the first of tied maxima, and the
+    # mean stays torch's float32 one, so stored accuracies keep their exact values
+    values = scores.numpy()
+    if not np.isfinite(values).all():
         raise FsbenchError(
             f"method {method!r} returned NaN/inf scores; nothing was recorded for this task"
         )
     y = torch.from_numpy(np.asarray(truth.query_labels, dtype=np.int64))
-    acc = (scores.argmax(1) == y).float().mean().item()
+    acc = torch.from_numpy(values.argmax(1) == y.numpy()).float().mean().item()
     t5 = None
     if top5 and n_way > 5:
         t5 = (scores.topk(5, dim=1).indices == y[:, None]).any(1).float().mean().item()
