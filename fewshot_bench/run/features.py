@@ -55,6 +55,21 @@ def _cached(path: Path, data: LabeledData) -> torch.Tensor | None:
     return None
 
 
+#: The entry read last, by its file's identity (path, inode, size, modification time): a run of
+#: several protocols on one pool (each label budget of a split) reads and checks it once.
+_LAST_READ: tuple[tuple, torch.Tensor] | None = None
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _remember(stamp: tuple, feats: torch.Tensor) -> None:
+    global _LAST_READ
+    _LAST_READ = (stamp, feats)
+
+
 def pool_features(data: LabeledData, embedder: Embedder, device: torch.device) -> torch.Tensor:
     """Features ``[N, D]`` of every item of ``data`` (cached per data fingerprint and embedder id).
 
@@ -69,8 +84,12 @@ def pool_features(data: LabeledData, embedder: Embedder, device: torch.device) -
     path = feature_cache_path(data, embedder)
     remove_stale_temps(path.parent)
     if path.exists():
+        stamp = _stamp(path)
+        if _LAST_READ is not None and _LAST_READ[0] == stamp:
+            return _LAST_READ[1]
         feats = _cached(path, data)
         if feats is not None:
+            _remember(stamp, feats)
             return feats
     feats = embedder.embed(data.images, device).float().cpu().contiguous()
     if feats.ndim != 2 or feats.shape[0] != len(data):
