@@ -102,10 +102,14 @@ def source_closure(module: str, extra_roots: tuple[str, ...] = ("fewshot_bench",
     return [seen[n] for n in sorted(seen)]
 
 
+@functools.cache
 def code_fingerprint(cls: type, *, harness: bool = True) -> str:
     """Package version + the source closure of ``cls``'s module and (``harness=True``) of the
     harness that assembles and scores tasks. Trained states are keyed without the harness:
-    ``fit`` does not go through it, so a change there does not force retraining."""
+    ``fit`` does not go through it, so a change there does not force retraining.
+
+    Read once per class and process: the code a process runs is what it imported, so a file
+    edited during a run changes the rows of the next run, not those of this one."""
     if cls.__module__ in ("__main__", "__mp_main__"):
         raise ValueError("a method defined in __main__ has no importable source to fingerprint")
     h = hashlib.sha256(f"fewshot-bench {fewshot_bench.__version__}".encode())
