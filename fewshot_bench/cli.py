@@ -894,7 +894,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _starts_serial_run(argv: list[str]) -> bool:
+    """Whether ``argv`` runs methods in the shared worker (``run`` with the serial executor) in a
+    process that has not started one yet."""
+    if argv[:1] != ["run"] or "-h" in argv or "--help" in argv:
+        return False
+    if "fewshot_bench.run.executor" in sys.modules:  # this process has run before: it has a worker
+        return False
+    for i, arg in enumerate(argv):
+        if arg == "--executor":
+            return argv[i + 1 : i + 2] == ["serial"]
+        if arg.startswith("--executor="):
+            return arg == "--executor=serial"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _starts_serial_run(argv):
+        from fewshot_bench.run.spawn import start_early
+
+        start_early()  # the worker imports torch while this process does (run/spawn.py)
     from fewshot_bench.run.heap import keep_freed_memory
 
     parser = build_parser()
@@ -916,5 +936,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``fsbench`` command: :func:`main`, then an exit without the interpreter's teardown."""
+    from fewshot_bench.quick_exit import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -234,13 +234,17 @@ def test_a_confined_worker_caches_pool_graphs_privately(tmp_path):
     task = Task(support, support_labels, unlabeled, query, n_way=3, kind="features")
     shared = tmp_path / "cache"
     ex = ProcessExecutor(env={"FSBENCH_CACHE": str(shared), "OMP_NUM_THREADS": "1"})
+    private = Path(ex._folder)
     try:
-        assert ex.sandbox and "landlock" in ex.sandbox
+        assert ex.sandbox and "landlock" in ex.sandbox and str(private) in ex.sandbox
         handle = ex.open(MethodSpec("diffusion", {}), "cpu")
         scores, _ = deliver(ex._call, handle, [task, task], [0, 1])
         ex.release(handle)
+        assert any((private / "graphs").iterdir())  # the worker's own cache
     finally:
         ex.close()
     for s in scores:
         assert (s.argmax(1) == query_labels).float().mean() > 0.9
     assert not (shared / "graphs").exists()
+    # the confined worker could only empty its folder; the runner removed it after its exit
+    assert not private.exists()

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import functools
 import itertools
 import json
 import os
+import pickle
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +48,7 @@ import torch
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.run.assemble import queries_at_once
 from fewshot_bench.run.heap import worker_env
+from fewshot_bench.run.spawn import SpawnedWorker, claim_early, remove_folder, spawn_worker
 from fewshot_bench.run.transport import send_request
 from fewshot_bench.run.worker import MethodSpec
 from fewshot_bench.tasks.task import Task
@@ -189,35 +191,26 @@ class ProcessExecutor:
 
     ``env``: extra environment variables for the worker (e.g. ``OMP_NUM_THREADS``)."""
 
-    def __init__(self, plugins: tuple[str, ...] = (), *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        plugins: tuple[str, ...] = (),
+        *,
+        env: dict[str, str] | None = None,
+        spawned: SpawnedWorker | None = None,
+    ) -> None:
         self.plugins = tuple(plugins)
         self._ids = itertools.count(1)
-        to_worker_r, to_worker_w = os.pipe()
-        from_worker_r, from_worker_w = os.pipe()
+        self._described: dict[bytes, dict[str, Any]] = {}
+        # ``spawned``: a worker started already (the early one of ``fsbench run``)
+        worker = spawned or spawn_worker(env)
+        self.proc = worker.proc
+        self._out = Connection(worker.to_worker, readable=False)
+        self._in = Connection(worker.from_worker, writable=False)
         # carries the sealed memory files of large arrays (fewshot_bench.run.transport)
-        self._files, worker_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        environment = worker_env(env)
+        self._files = worker.files
+        self._folder = worker.folder
         #: the worker's CPU threads where OMP_NUM_THREADS sets them (recorded with the hardware)
-        self.worker_threads = configured_threads(environment)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fewshot_bench.run.worker",
-                str(to_worker_r),
-                str(from_worker_w),
-                str(os.getpid()),
-                str(worker_files.fileno()),
-            ],
-            pass_fds=(to_worker_r, from_worker_w, worker_files.fileno()),
-            stdin=subprocess.DEVNULL,
-            env=environment,
-        )
-        os.close(to_worker_r)
-        os.close(from_worker_w)
-        worker_files.close()
-        self._out = Connection(to_worker_w, readable=False)
-        self._in = Connection(from_worker_r, writable=False)
+        self.worker_threads = configured_threads(worker.env)
         meta, _ = self._call("init", list(sys.path), list(self.plugins))
         #: how the worker is confined ("landlock ABI N: writes confined to ...") or None
         self.sandbox: str | None = meta.get("sandbox")
@@ -255,10 +248,14 @@ class ProcessExecutor:
         return MethodHandle(hid, spec, meta["info"], str(device), blobs[0] if blobs else None)
 
     def describe(self, spec: MethodSpec) -> dict[str, Any]:
-        """Validate a spec and return the method's info without keeping it."""
-        handle = self.open(spec)
-        self.release(handle)
-        return handle.info
+        """Validate a spec and return the method's info without keeping it (asked of the worker
+        once per spec: the worker's code does not change while it runs)."""
+        key = pickle.dumps(spec)
+        if key not in self._described:
+            handle = self.open(spec)
+            self.release(handle)
+            self._described[key] = handle.info
+        return copy.deepcopy(self._described[key])
 
     def map(
         self, handle: MethodHandle, tasks: list[Task], seeds: list[int]
@@ -284,6 +281,8 @@ class ProcessExecutor:
         self._out.close()
         self._in.close()
         self._files.close()
+        if self.proc.poll() is not None:
+            remove_folder(self._folder)
 
 
 class Pending:
@@ -554,7 +553,7 @@ def shared_executor(plugins: tuple[str, ...] = ()) -> ProcessExecutor:
     key = (tuple(plugins), tuple(sys.path))
     ex = _SHARED.get(key)
     if ex is None or not ex.alive:
-        ex = _SHARED[key] = ProcessExecutor(plugins)
+        ex = _SHARED[key] = ProcessExecutor(plugins, spawned=claim_early())
     return ex
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fewshot_bench.errors import FsbenchError
+from fewshot_bench.quick_exit import exit_now
 from fewshot_bench.run.heap import keep_freed_memory
 from fewshot_bench.run.transport import recv_request
 
@@ -338,15 +339,22 @@ def exit_with_runner(runner_pid: int, every_s: float = 1.0) -> None:
 SANDBOX: str | None = None
 
 
-def confine() -> str | None:
+def confine(private: str | None = None) -> str | None:
     """Give this worker a private temporary folder (its kNN-graph cache, when one is configured)
     and, where the kernel allows, confine its writes to it (``FSBENCH_SANDBOX=0`` turns this off,
-    e.g. to debug a method)."""
+    e.g. to debug a method).
+
+    ``private``: the empty folder the runner made for it (the runner removes it once the worker
+    has exited: a confined worker may empty the folder but not remove it from its parent);
+    without one, a new folder, removed at exit where the confinement allows."""
     from fewshot_bench.run.sandbox import confine_writes
 
-    private = tempfile.mkdtemp(prefix="fsbench-worker-")
+    if private is None:
+        private = tempfile.mkdtemp(prefix="fsbench-worker-")
+        atexit.register(shutil.rmtree, private, True)
+    else:
+        atexit.register(_empty_folder, private)
     os.environ["TMPDIR"] = tempfile.tempdir = private
-    atexit.register(shutil.rmtree, private, True)
     if os.environ.get("FSBENCH_SANDBOX", "1") == "0":
         return None
     if os.environ.get("FSBENCH_GRAPH_CACHE") or os.environ.get("FSBENCH_CACHE"):
@@ -355,6 +363,17 @@ def confine() -> str | None:
         os.environ["FSBENCH_GRAPH_CACHE"] = os.path.join(private, "graphs")
     init_cuda_driver()
     return confine_writes([private, "/dev"])
+
+
+def _empty_folder(folder: str) -> None:
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
 
 
 def init_cuda_driver() -> None:
@@ -376,9 +395,13 @@ def main(argv: list[str]) -> int:
     exit_with_runner(int(argv[2]) if len(argv) > 2 else os.getppid())
     files = socket.socket(fileno=int(argv[3])) if len(argv) > 3 else None
     keep_freed_memory()
-    SANDBOX = confine()
+    SANDBOX = confine(argv[4] if len(argv) > 4 else None)
+    # imported now, while the runner prepares its first request, instead of at the first open
+    import fewshot_bench.methods.builtin  # noqa: F401
+
     serve(inbox, outbox, files)
-    return 0
+    exit_now(0)
+    return 0  # not reached
 
 
 if __name__ == "__main__":

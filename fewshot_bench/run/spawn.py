@@ -1,0 +1,127 @@
+"""Starting a method worker process, and starting the serial run's worker early.
+
+A worker spends most of a second importing torch and the built-in methods before it can answer;
+so does the runner before it gets to start one. ``fsbench run`` therefore starts its worker
+first thing (:func:`start_early`, before the runner's own imports), and the serial executor
+adopts it (:func:`claim_early`): the two processes import at the same time. This module imports
+nothing heavy, so that the early start costs the runner nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from fewshot_bench.run.heap import worker_env
+
+__all__ = ["SpawnedWorker", "claim_early", "remove_folder", "spawn_worker", "start_early"]
+
+
+@dataclass
+class SpawnedWorker:
+    """A started worker process and the runner's ends of its channels: requests go down
+    ``to_worker`` (a pipe's write end), answers come up ``from_worker``, large arrays' sealed
+    files travel over ``files``."""
+
+    proc: subprocess.Popen
+    to_worker: int
+    from_worker: int
+    files: socket.socket
+    env: dict[str, str]
+    #: the worker's private temporary folder: removed by :func:`remove_folder` once it has exited
+    folder: str
+
+    def discard(self) -> None:
+        """Close the channels (the worker exits on the closed pipe), reap the process and remove
+        its folder."""
+        for fd in (self.to_worker, self.from_worker):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.files.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        remove_folder(self.folder)
+
+
+def remove_folder(folder: str) -> None:
+    """Remove an exited worker's private folder (the worker, confined to it, can only empty it)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def spawn_worker(extra_env: dict[str, str] | None = None) -> SpawnedWorker:
+    """Start ``python -m fewshot_bench.run.worker`` (fresh, not forked: it inherits none of the
+    runner's memory) with ``extra_env`` added to its environment."""
+    to_worker_r, to_worker_w = os.pipe()
+    from_worker_r, from_worker_w = os.pipe()
+    files, worker_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = worker_env(extra_env)
+    folder = tempfile.mkdtemp(prefix="fsbench-worker-")
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fewshot_bench.run.worker",
+                str(to_worker_r),
+                str(from_worker_w),
+                str(os.getpid()),
+                str(worker_files.fileno()),
+                folder,
+            ],
+            pass_fds=(to_worker_r, from_worker_w, worker_files.fileno()),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    except BaseException:
+        for fd in (to_worker_w, from_worker_r):
+            os.close(fd)
+        files.close()
+        remove_folder(folder)
+        raise
+    finally:
+        os.close(to_worker_r)
+        os.close(from_worker_w)
+        worker_files.close()
+    return SpawnedWorker(proc, to_worker_w, from_worker_r, files, env, folder)
+
+
+_EARLY: SpawnedWorker | None = None
+
+
+def start_early() -> None:
+    """Start the default worker now, for :func:`claim_early`; discarded at exit if unclaimed."""
+    global _EARLY
+    if _EARLY is None:
+        _EARLY = spawn_worker()
+        atexit.register(_discard_unclaimed)
+
+
+def claim_early(extra_env: dict[str, str] | None = None) -> SpawnedWorker | None:
+    """The early worker, if one is running and was started with the environment this caller
+    would give a new one; else None (the caller starts its own)."""
+    global _EARLY
+    early, _EARLY = _EARLY, None
+    if early is None:
+        return None
+    if early.proc.poll() is None and early.env == worker_env(extra_env):
+        return early
+    early.discard()
+    return None
+
+
+def _discard_unclaimed() -> None:
+    global _EARLY
+    if _EARLY is not None:
+        early, _EARLY = _EARLY, None
+        early.discard()
