@@ -4,6 +4,7 @@ shared by the methods that receive the same tasks, dropped after its last use.""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -141,3 +142,19 @@ def test_methods_given_the_same_tasks_share_their_assembly_with_identical_rows(
     again = run(tmp_path / "again")
     assert len(calls) == 6
     assert shared == again and len(shared) == 24
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread priorities here")
+def test_assembly_runs_at_a_lower_priority_than_the_runner(digits):
+    """Building ahead takes the cycles a busy worker leaves, not its compute threads' share."""
+    seen: list[int] = []
+
+    def build(key: ChunkKey) -> list:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return []
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with TaskFeed([key(0)], build) as feed:
+        feed.get(key(0))
+    assert seen == [max(main_before, feed_module.ASSEMBLY_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
