@@ -18,7 +18,7 @@ from fewshot_bench.data import load_dataset
 from fewshot_bench.run import feed as feed_module
 from fewshot_bench.run import runner
 from fewshot_bench.run.executor import MethodSpec
-from fewshot_bench.run.feed import ChunkKey, TaskFeed, chunk_bytes
+from fewshot_bench.run.feed import ChunkKey, TaskFeed
 from fewshot_bench.run.fixtures import write_episodic_protocol
 from fewshot_bench.run.store import load_results
 from fewshot_bench.tasks.protocol import load_pool, load_protocol_file
@@ -69,7 +69,6 @@ def test_each_scheduled_chunk_is_built_once_ahead_and_shared(digits):
         feed.get(c)
     assert [build.count(k) for k in (a, b, c)] == [1, 1, 1]
     assert {name for _, name in build.calls} == {"fsbench-assemble_0"}
-    assert chunk_bytes(first) == 100 * 784 * 4
 
 
 def test_a_chunk_is_dropped_after_its_last_use(digits):
@@ -87,11 +86,26 @@ def test_a_chunk_is_dropped_after_its_last_use(digits):
 def test_over_budget_chunks_are_built_again_and_unscheduled_ones_on_demand(digits):
     build = Builds(digits)
     a, stray = key(0), key(7)
-    with TaskFeed([a, a], build, budget=1000) as feed:  # a chunk holds 313 600 bytes
+    with TaskFeed([a, a], build, size=lambda k: 313_600, budget=1000) as feed:
         feed.get(a)
         feed.get(a)
         feed.get(stray)
     assert build.count(a) == 2 and build.count(stray) == 1
+
+
+def test_what_is_built_ahead_stays_within_the_budget(digits):
+    """An ImageNet-scale task must not be assembled twice over in memory ahead of its turn."""
+    build = Builds(digits)
+    a, b, c, d = (key(i) for i in range(4))
+    with TaskFeed([a, b, c, d], build, size=lambda k: 100, ahead=3, budget=250) as feed:
+        feed._thread.submit(lambda: None).result()  # let the first builds finish
+        assert build.count(a) == 1 and build.count(b) == 1 and build.count(c) == 0
+        feed.get(a)  # a is dropped after its only use: room for c, not for d as well
+        feed._thread.submit(lambda: None).result()
+        assert build.count(c) == 1 and build.count(d) == 0
+        for k in (b, c, d):
+            feed.get(k)
+    assert [build.count(k) for k in (a, b, c, d)] == [1, 1, 1, 1]
 
 
 def test_the_feed_builds_ahead_while_the_caller_works(digits):
@@ -136,7 +150,19 @@ def test_methods_given_the_same_tasks_share_their_assembly_with_identical_rows(
         df = load_results(folder / "results.sqlite")
         return sorted(zip(df.method, df.seed, df.task_index, df.accuracy, strict=True))
 
+    sizes: list[tuple[int, int]] = []
+    real_get = feed_module.TaskFeed.get
+
+    def get(self, k):
+        built = real_get(self, k)
+        parts = [t for b in built for t in (b.task.support, b.task.unlabeled, b.task.query)]
+        held = sum(t.numel() * t.element_size() for t in parts)
+        sizes.append((self._size(k), held))
+        return built
+
+    monkeypatch.setattr(feed_module.TaskFeed, "get", get)
     shared = run(tmp_path / "shared")
+    assert sizes and all(estimate == held for estimate, held in sizes)
     assert sorted(calls) == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11)]
     monkeypatch.setattr(feed_module, "default_budget", lambda: 0)
     again = run(tmp_path / "again")

@@ -6,8 +6,9 @@ unlabeled pool) get identical assembled tasks. Assembly (gathering up to the who
 every row for its keyed order) is work the worker otherwise waits for. The feed knows the run's
 schedule of chunks up front; it builds them in order in one background thread, one chunk ahead
 of the chunk being evaluated, so that assembly overlaps the worker's computation, and it keeps a
-built chunk for the later methods that need it (within a byte budget; a chunk over budget is
-simply built again), dropping it after its last scheduled use.
+built chunk for the later methods that need it, dropping it after its last scheduled use. What
+it holds ahead or keeps stays within a byte budget: tasks too large for it (an ImageNet-scale
+pool) are built one at a time when asked for, as without a feed.
 
 Only the runner's process ever holds these chunks: what a method receives is unchanged.
 """
@@ -20,7 +21,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 __all__ = ["ChunkKey", "TaskFeed", "default_budget"]
 
@@ -59,40 +59,35 @@ def _yield_to_workers() -> None:
         pass
 
 
-def chunk_bytes(built: Sequence[Any]) -> int:
-    """Bytes held by the task tensors of an assembled chunk."""
-    total = 0
-    for b in built:
-        for t in (b.task.support, b.task.unlabeled, b.task.query):
-            total += t.numel() * t.element_size()
-    return total
-
-
 class TaskFeed:
     """Chunks of assembled tasks in ``schedule`` order, built by ``build(key)`` in a background
     thread, up to ``ahead`` chunks beyond the one last asked for.
 
-    ``get(key)`` returns the chunk (building it now if it was not ahead) and starts building the
-    next scheduled ones; keys outside the schedule are built on demand and not kept. Use as a
-    context manager: leaving it waits for the chunk being built and drops the rest."""
+    ``size(key)``: the bytes a chunk will hold (known from its indices before it is built). The
+    chunks built ahead or kept for a later use hold at most ``budget`` bytes together (default:
+    :func:`default_budget`); a chunk larger than that is built when asked for, used and dropped,
+    as without a feed. ``get(key)`` returns the chunk (building it now if it was not ahead);
+    keys outside the schedule are built on demand and not kept. Use as a context manager:
+    leaving it waits for the chunk being built and drops the rest."""
 
     def __init__(
         self,
         schedule: Sequence[ChunkKey],
         build: Callable[[ChunkKey], list],
         *,
+        size: Callable[[ChunkKey], int] = lambda key: 0,
         ahead: int = 2,
         budget: int | None = None,
     ) -> None:
         self._schedule = list(schedule)
         self._uses = Counter(self._schedule)
         self._build = build
+        self._size = size
         self._ahead = ahead
         self._budget = default_budget() if budget is None else budget
         self._pos = 0
         self._built: dict[ChunkKey, Future] = {}
-        self._sizes: dict[ChunkKey, int] = {}  # bytes of the chunks kept for a later use
-        self._kept = 0
+        self._held: dict[ChunkKey, int] = {}  # bytes of each chunk in ``_built``
         self._lock = threading.Lock()
         # assembly runs in this one thread only, so a chunk is never built twice at once
         self._thread = ThreadPoolExecutor(
@@ -101,44 +96,43 @@ class TaskFeed:
         with self._lock:
             self._prefetch()
 
-    def _start(self, key: ChunkKey) -> Future:
+    def _start(self, key: ChunkKey, size: int) -> Future:
         fut = self._built.get(key)
         if fut is None:
             fut = self._thread.submit(self._build, key)
             self._built[key] = fut
+            self._held[key] = size
         return fut
 
     def get(self, key: ChunkKey) -> list:
         """The assembled chunk of ``key``."""
         with self._lock:
-            fut = self._start(key)
+            fut = self._start(key, self._size(key))
             if self._pos < len(self._schedule) and self._schedule[self._pos] == key:
                 self._pos += 1
             self._prefetch()
         built = fut.result()
         with self._lock:
             self._uses[key] -= 1
-            if key not in self._sizes:
-                size = chunk_bytes(built)
-                if self._uses[key] > 0 and self._kept + size <= self._budget:
-                    self._sizes[key] = size
-                    self._kept += size
-                else:
-                    self._built.pop(key, None)
-            elif self._uses[key] <= 0:
+            if self._uses[key] <= 0 or sum(self._held.values()) > self._budget:
                 self._built.pop(key, None)
-                self._kept -= self._sizes.pop(key)
+                self._held.pop(key, None)
+            self._prefetch()
         return built
 
     def _prefetch(self) -> None:
         for key in self._schedule[self._pos : self._pos + self._ahead]:
-            self._start(key)
+            if key in self._built:
+                continue
+            size = self._size(key)
+            if sum(self._held.values()) + size > self._budget:
+                return  # in order: a later chunk never takes the room of an earlier one
+            self._start(key, size)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
         self._built.clear()
-        self._sizes.clear()
-        self._kept = 0
+        self._held.clear()
 
     def __enter__(self) -> TaskFeed:
         return self

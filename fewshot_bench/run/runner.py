@@ -641,4 +641,13 @@ def _task_feed(prep: _Prepared, plans: list, tensors: dict[str, torch.Tensor]) -
         # that gets the chunk then receives the files' descriptors
         return [replace(b, task=_sealed_task(b.task)) for b in built]
 
-    return TaskFeed(schedule, build)
+    def size(key: ChunkKey) -> int:
+        pool = tensors[key.consumes]
+        row = pool[0].numel() * pool.element_size() if len(pool) else 0
+        n = 0
+        for i in key.tasks:
+            idx = prep.task_sets[key.seed].task(i)
+            n += len(idx.support) + len(idx.query) + (len(idx.unlabeled) if key.unlabeled else 0)
+        return n * row
+
+    return TaskFeed(schedule, build, size=size)
