@@ -17,6 +17,7 @@ from fewshot_bench.methods.propagation import (
     PropagationClassifier,
     SpectralPropagation,
     pseudo_label_unlabeled,
+    with_rows,
 )
 from fewshot_bench.tasks.task import Task
 
@@ -259,3 +260,16 @@ def test_diffusion_support_check_falls_back_to_the_feature_vote(digits) -> None:
         unchecked.predict(task, TaskContext.create(seed))
         assert unchecked.last_choice == "diffusion"
     assert seen <= {"features", "diffusion"} and seen
+
+
+def test_with_rows_equals_concatenating_the_selected_rows():
+    from sklearn.datasets import load_digits
+
+    x = torch.from_numpy(load_digits().data).float()
+    head, pool = x[:20], x[20:]
+    for rows in (torch.tensor([5, 0, 5, 1700]), torch.zeros(0, dtype=torch.long)):
+        assert torch.equal(with_rows(head, pool, rows), torch.cat([head, pool[rows]]))
+    mixed = with_rows(
+        head.double(), pool, torch.tensor([3])
+    )  # dtypes differ: torch.cat's promotion
+    assert mixed.dtype == torch.float64 and torch.equal(mixed[-1], pool[3].double())

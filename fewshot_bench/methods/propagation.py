@@ -582,11 +582,24 @@ class NNPropagation(PropagationMethod):
         if p["use_unlabeled"] and unl.shape[0]:
             with self._few_threads(task, ctx):
                 pl = select_pseudo_labels(vote(sup, labels, unl, task.n_way, self._sigma()), p)
-            x = torch.cat([sup, unl[pl.indices]])
+            x = with_rows(sup, unl, pl.indices)
             y = torch.cat([labels, pl.labels])
             w = torch.cat([torch.ones(sup.shape[0], device=ctx.device), pl.alpha])
         voters = Voters(x, y, task.n_way, self._sigma(), weights=w)
         return lambda query: voters(f(query))
+
+
+def with_rows(head: torch.Tensor, pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([head, pool[rows]])`` written straight into one new tensor: the selected rows
+    (up to a whole 60 000-item pool) are not first gathered into a copy of their own."""
+    if head.dtype != pool.dtype or head.device != pool.device or head.shape[1:] != pool.shape[1:]:
+        return torch.cat([head, pool[rows]])
+    out = torch.empty(
+        (head.shape[0] + rows.numel(), *pool.shape[1:]), dtype=pool.dtype, device=pool.device
+    )
+    out[: head.shape[0]] = head
+    torch.index_select(pool, 0, rows.to(pool.device), out=out[head.shape[0] :])
+    return out
 
 
 def select_pseudo_labels(scores: torch.Tensor, p: dict[str, Any]) -> PseudoLabels:
@@ -667,7 +680,7 @@ class PropagationClassifier(PropagationMethod):
             if unl.shape[0]:
                 pl = select_pseudo_labels(self.propagate_unlabeled(task, ctx).to(ctx.device), p)
                 self.last_pseudo_labels = pl
-                x = torch.cat([sup, unl[pl.indices]])
+                x = with_rows(sup, unl, pl.indices)
                 y = torch.cat([labels, pl.labels])
                 w = torch.cat([w, pl.alpha])
             clf = fit_weighted_logreg(
