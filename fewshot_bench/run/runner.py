@@ -602,12 +602,11 @@ def run_protocol(
 
 
 def _sealed_task(task: Task) -> Task:
-    return replace(
-        task,
-        support=sealed_tensor(task.support),
-        unlabeled=sealed_tensor(task.unlabeled),
-        query=sealed_tensor(task.query),
-    )
+    parts = {name: getattr(task, name) for name in ("support", "unlabeled", "query")}
+    sealed = {name: sealed_tensor(t) for name, t in parts.items()}
+    if all(sealed[name] is parts[name] for name in parts):
+        return task  # small arrays (an episode's) travel in the pickle anyway
+    return replace(task, **sealed)
 
 
 def _chunk_key(info: dict[str, Any], seed: int, chunk: list[int]) -> ChunkKey:
