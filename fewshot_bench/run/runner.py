@@ -307,14 +307,13 @@ class _Prepared:
 @dataclass(frozen=True)
 class _MethodRun:
     """One method ready to evaluate: its configuration and hash, the tasks still to run per seed,
-    and (when there is work or a state to save) its open handle and the pool tensor it consumes."""
+    and (when there is work or a state to save) its open handle."""
 
     info: dict[str, Any]
     config: dict[str, Any]
     run_hash: str
     todo: dict[int, list[int]]
     handle: MethodHandle | None
-    tensor: torch.Tensor | None
 
 
 def _prepare(
@@ -401,16 +400,12 @@ def _fit_or_load(
     spec: MethodSpec,
     info: dict[str, Any],
     plan: tuple[dict[str, Any], str, dict[int, list[int]]],
-    tensors: dict[str, torch.Tensor],
 ) -> _MethodRun:
     """The method with its ``plan`` (:func:`_method_todo`), opened (trained, or loaded from its
-    cached state) only when there is work or a state to save. ``tensors`` caches the pool
-    tensors across methods."""
+    cached state) only when there is work or a state to save."""
     config, run_hash, todo = plan
     handle = None
-    tensor = None
     if any(todo.values()) or prep.save_state is not None:
-        tensor = pool_tensor(prep.pool, info["consumes"], prep.backbone, prep.device, tensors)
         handle = open_method(
             prep.executor,
             spec,
@@ -424,7 +419,7 @@ def _fit_or_load(
             min(prep.task_sets),
             prep.save_state,
         )
-    return _MethodRun(info, config, run_hash, todo, handle, tensor)
+    return _MethodRun(info, config, run_hash, todo, handle)
 
 
 def _common_fields(
@@ -594,7 +589,7 @@ def run_protocol(
     plans = [_method_todo(prep, info) for info in prep.infos]
     with _task_feed(prep, plans, tensors) as feed:
         for spec, info, plan in zip(prep.specs, prep.infos, plans, strict=True):
-            run = _fit_or_load(prep, spec, info, plan, tensors)
+            run = _fit_or_load(prep, spec, info, plan)
             summaries.extend(_evaluate(prep, run, feed))
             if run.handle is not None:
                 prep.executor.release(run.handle)

@@ -197,18 +197,19 @@ def send_request(conn: Connection, sock: socket.socket | None, request: tuple) -
     fresh = [buf for buf, fd in zip(buffers, owners, strict=True) if fd is None]
     files: list[int] = []  # the descriptors passed; a span names one by its position here
     new_fd = None
+    layout = _layout(fresh)
     if fresh:
-        layout = iter(_layout(fresh))
         try:
-            new_fd = sealed_memory_file(fresh, _layout(fresh))
+            new_fd = sealed_memory_file(fresh, layout)
         except OSError:  # no memfd here after all (e.g. a seccomp filter): send it all in-band
             buffers, owners, payload = [], [], dumps_request(request)
         else:
             files.append(new_fd)
     spans: list[tuple[int, int, int]] = []  # (file, offset, bytes) of each buffer
+    in_new_file = iter(layout)
     for buf, fd in zip(buffers, owners, strict=True):
         if fd is None:
-            spans.append((0, *next(layout)))
+            spans.append((0, *next(in_new_file)))
             continue
         if fd not in files:
             files.append(fd)
