@@ -57,6 +57,19 @@ def owner_tag(pid: int | None = None) -> str:
     return f"w{os.getpid() if pid is None else pid}-{_NS}@{_HOST}"
 
 
+_TAG = re.compile(r"w(?P<pid>\d+)-(?P<ns>\d+|x)@(?P<host>[A-Za-z0-9_-]+)")
+
+
+def owner_gone(tag: str, since: float) -> bool:
+    """Whether ``tag`` (an :func:`owner_tag`) names a process of this machine and PID namespace
+    that is gone; ``since``: when what it owns was last modified (a later process with the same
+    pid does not count as the owner). False for anything else: never call a stranger dead."""
+    m = _TAG.fullmatch(tag)
+    if m is None or m["host"] != _HOST or m["ns"] != _NS:
+        return False
+    return not process_alive(int(m["pid"]), since=since)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` named after this process; on success rename it onto

@@ -59,3 +59,35 @@ def test_an_early_worker_started_with_another_environment_is_discarded(monkeypat
     assert spawn.claim_early() is None  # nothing left to claim
     with pytest.raises(OSError):
         os.fstat(early.to_worker)
+
+
+def test_folders_of_runners_that_are_gone_are_removed(tmp_path):
+    """A runner killed outright leaves its worker's folder; the next worker start removes it."""
+    import subprocess
+
+    from fewshot_bench.atomic import owner_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folders = {
+        "dead": tmp_path / f"{spawn.FOLDER_PREFIX}{owner_tag(dead.pid)}-k2j4h5g6",
+        "alive": tmp_path / f"{spawn.FOLDER_PREFIX}{owner_tag()}-a1b2c3d4",
+        "other host": tmp_path / f"{spawn.FOLDER_PREFIX}w{dead.pid}-1@elsewhere-a1b2c3d4",
+        "no owner": tmp_path / f"{spawn.FOLDER_PREFIX}q8w7e6r5",
+    }
+    for folder in folders.values():
+        (folder / "graphs").mkdir(parents=True)
+    assert spawn.remove_stale_folders(str(tmp_path)) == [str(folders["dead"])]
+    assert not folders["dead"].exists()
+    assert all(folders[k].exists() for k in ("alive", "other host", "no owner"))
+
+
+def test_a_workers_folder_names_its_runner(tmp_path):
+    from fewshot_bench.atomic import owner_tag
+
+    ex = ProcessExecutor()
+    try:
+        name = Path(ex._folder).name
+        assert name.startswith(f"{spawn.FOLDER_PREFIX}{owner_tag()}-")
+    finally:
+        ex.close()

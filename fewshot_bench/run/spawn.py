@@ -18,9 +18,17 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from fewshot_bench.atomic import owner_gone, owner_tag
 from fewshot_bench.run.heap import worker_env
 
-__all__ = ["SpawnedWorker", "claim_early", "remove_folder", "spawn_worker", "start_early"]
+__all__ = [
+    "SpawnedWorker",
+    "claim_early",
+    "remove_folder",
+    "remove_stale_folders",
+    "spawn_worker",
+    "start_early",
+]
 
 
 @dataclass
@@ -59,6 +67,34 @@ def remove_folder(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+#: A worker's private folder is ``<tmp>/fsbench-worker-<owner tag of its runner>-<random>``.
+FOLDER_PREFIX = "fsbench-worker-"
+
+
+def remove_stale_folders(parent: str | None = None) -> list[str]:
+    """Remove the worker folders in ``parent`` (default: the temporary folder) whose runner is
+    gone: a runner killed outright removes nothing, and its worker ends with it. Folders of live
+    runners, of other machines or namespaces, and without an owner in their name stay."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(FOLDER_PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        tag = entry.name[len(FOLDER_PREFIX) :].rpartition("-")[0]  # mkdtemp's suffix has no "-"
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            since = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if owner_gone(tag, since):
+            remove_folder(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
 def spawn_worker(extra_env: dict[str, str] | None = None) -> SpawnedWorker:
     """Start ``python -m fewshot_bench.run.worker`` (fresh, not forked: it inherits none of the
     runner's memory) with ``extra_env`` added to its environment."""
@@ -66,7 +102,8 @@ def spawn_worker(extra_env: dict[str, str] | None = None) -> SpawnedWorker:
     from_worker_r, from_worker_w = os.pipe()
     files, worker_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = worker_env(extra_env)
-    folder = tempfile.mkdtemp(prefix="fsbench-worker-")
+    remove_stale_folders()
+    folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{owner_tag()}-")
     try:
         proc = subprocess.Popen(
             [
