@@ -234,7 +234,7 @@ def test_a_confined_worker_caches_pool_graphs_privately(tmp_path):
     task = Task(support, support_labels, unlabeled, query, n_way=3, kind="features")
     shared = tmp_path / "cache"
     ex = ProcessExecutor(env={"FSBENCH_CACHE": str(shared), "OMP_NUM_THREADS": "1"})
-    private = Path(ex._folder)
+    private = Path(ex._worker.folder)
     try:
         assert ex.sandbox and "landlock" in ex.sandbox and str(private) in ex.sandbox
         handle = ex.open(MethodSpec("diffusion", {}), "cpu")

@@ -87,7 +87,7 @@ def test_a_workers_folder_names_its_runner(tmp_path):
 
     ex = ProcessExecutor()
     try:
-        name = Path(ex._folder).name
+        name = Path(ex._worker.folder).name
         assert name.startswith(f"{spawn.FOLDER_PREFIX}{owner_tag()}-")
     finally:
         ex.close()

@@ -32,7 +32,6 @@ import json
 import os
 import pickle
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -48,7 +47,7 @@ import torch
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.run.assemble import queries_at_once
 from fewshot_bench.run.heap import worker_env
-from fewshot_bench.run.spawn import SpawnedWorker, claim_early, remove_folder, spawn_worker
+from fewshot_bench.run.spawn import SpawnedWorker, claim_early, spawn_worker
 from fewshot_bench.run.transport import send_request
 from fewshot_bench.run.worker import MethodSpec
 from fewshot_bench.tasks.task import Task
@@ -208,7 +207,7 @@ class ProcessExecutor:
         self._in = Connection(worker.from_worker, writable=False)
         # carries the sealed memory files of large arrays (fewshot_bench.run.transport)
         self._files = worker.files
-        self._folder = worker.folder
+        self._worker = worker
         #: the worker's CPU threads where OMP_NUM_THREADS sets them (recorded with the hardware)
         self.worker_threads = configured_threads(worker.env)
         meta, _ = self._call("init", list(sys.path), list(self.plugins))
@@ -273,16 +272,10 @@ class ProcessExecutor:
                 send_request(self._out, None, ("exit",))
             except OSError:
                 pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self._worker.reap()
         self._out.close()
         self._in.close()
         self._files.close()
-        if self.proc.poll() is not None:
-            remove_folder(self._folder)
 
 
 class Pending:

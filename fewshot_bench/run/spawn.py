@@ -45,21 +45,25 @@ class SpawnedWorker:
     #: the worker's private temporary folder: removed by :func:`remove_folder` once it has exited
     folder: str
 
-    def discard(self) -> None:
-        """Close the channels (the worker exits on the closed pipe), reap the process and remove
-        its folder."""
-        for fd in (self.to_worker, self.from_worker):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.files.close()
+    def reap(self) -> None:
+        """Wait for the process to end (killed after 10 s: it was asked to end or its pipe is
+        closed) and remove its folder."""
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         remove_folder(self.folder)
+
+    def discard(self) -> None:
+        """Close the channels (the worker exits on the closed pipe), then :meth:`reap`."""
+        for fd in (self.to_worker, self.from_worker):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.files.close()
+        self.reap()
 
 
 def remove_folder(folder: str) -> None:
