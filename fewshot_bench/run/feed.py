@@ -86,8 +86,8 @@ class TaskFeed:
         self._ahead = ahead
         self._budget = default_budget() if budget is None else budget
         self._pos = 0
-        self._built: dict[ChunkKey, Future] = {}
-        self._held: dict[ChunkKey, int] = {}  # bytes of each chunk in ``_built``
+        #: every chunk built ahead, being built or kept, with the bytes it holds
+        self._built: dict[ChunkKey, tuple[Future, int]] = {}
         self._lock = threading.Lock()
         # assembly runs in this one thread only, so a chunk is never built twice at once
         self._thread = ThreadPoolExecutor(
@@ -96,27 +96,27 @@ class TaskFeed:
         with self._lock:
             self._prefetch()
 
+    def _held(self) -> int:
+        return sum(size for _, size in self._built.values())
+
     def _start(self, key: ChunkKey, size: int) -> Future:
-        fut = self._built.get(key)
-        if fut is None:
-            fut = self._thread.submit(self._build, key)
-            self._built[key] = fut
-            self._held[key] = size
+        fut = self._thread.submit(self._build, key)
+        self._built[key] = (fut, size)
         return fut
 
     def get(self, key: ChunkKey) -> list:
         """The assembled chunk of ``key``."""
         with self._lock:
-            fut = self._start(key, self._size(key))
+            entry = self._built.get(key)
+            fut = entry[0] if entry else self._start(key, self._size(key))
             if self._pos < len(self._schedule) and self._schedule[self._pos] == key:
                 self._pos += 1
             self._prefetch()
         built = fut.result()
         with self._lock:
             self._uses[key] -= 1
-            if self._uses[key] <= 0 or sum(self._held.values()) > self._budget:
+            if self._uses[key] <= 0 or self._held() > self._budget:
                 self._built.pop(key, None)
-                self._held.pop(key, None)
             self._prefetch()
         return built
 
@@ -125,14 +125,13 @@ class TaskFeed:
             if key in self._built:
                 continue
             size = self._size(key)
-            if sum(self._held.values()) + size > self._budget:
+            if self._held() + size > self._budget:
                 return  # in order: a later chunk never takes the room of an earlier one
             self._start(key, size)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
         self._built.clear()
-        self._held.clear()
 
     def __enter__(self) -> TaskFeed:
         return self
