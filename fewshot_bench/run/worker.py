@@ -1,7 +1,8 @@
 """The method worker: a separate process that runs methods on Tasks and never sees an answer.
 
 Started by :class:`fewshot_bench.run.executor.ProcessExecutor` as ``python -m
-fewshot_bench.run.worker READ_FD WRITE_FD RUNNER_PID [SOCKET_FD]``. It receives pickled requests (method
+fewshot_bench.run.worker READ_FD WRITE_FD RUNNER_PID SOCKET_FD FOLDER`` (by
+:func:`fewshot_bench.run.spawn.spawn_worker`). It receives pickled requests (method
 specs, Tasks, seeds, fit data of base classes, cached states; large arrays beside them in a
 sealed memory file, see :mod:`fewshot_bench.run.transport`) from the runner and answers with JSON headers and
 raw array bytes only, so the runner never unpickles anything a method produced. Query labels,
@@ -339,21 +340,17 @@ def exit_with_runner(runner_pid: int, every_s: float = 1.0) -> None:
 SANDBOX: str | None = None
 
 
-def confine(private: str | None = None) -> str | None:
-    """Give this worker a private temporary folder (its kNN-graph cache, when one is configured)
-    and, where the kernel allows, confine its writes to it (``FSBENCH_SANDBOX=0`` turns this off,
-    e.g. to debug a method).
+def confine(private: str) -> str | None:
+    """Make ``private`` this worker's temporary folder (its kNN-graph cache, when one is
+    configured) and, where the kernel allows, confine its writes to it (``FSBENCH_SANDBOX=0``
+    turns this off, e.g. to debug a method).
 
-    ``private``: the empty folder the runner made for it (the runner removes it once the worker
-    has exited: a confined worker may empty the folder but not remove it from its parent);
-    without one, a new folder, removed at exit where the confinement allows."""
+    ``private`` is the empty folder the runner made for it: the worker empties it at exit and
+    the runner removes it once the worker has exited (a confined worker may empty the folder but
+    not remove it from its parent)."""
     from fewshot_bench.run.sandbox import confine_writes
 
-    if private is None:
-        private = tempfile.mkdtemp(prefix="fsbench-worker-")
-        atexit.register(shutil.rmtree, private, True)
-    else:
-        atexit.register(_empty_folder, private)
+    atexit.register(_empty_folder, private)
     os.environ["TMPDIR"] = tempfile.tempdir = private
     if os.environ.get("FSBENCH_SANDBOX", "1") == "0":
         return None
@@ -392,10 +389,10 @@ def main(argv: list[str]) -> int:
     global SANDBOX
     inbox = Connection(int(argv[0]), writable=False)
     outbox = Connection(int(argv[1]), readable=False)
-    exit_with_runner(int(argv[2]) if len(argv) > 2 else os.getppid())
-    files = socket.socket(fileno=int(argv[3])) if len(argv) > 3 else None
+    exit_with_runner(int(argv[2]))
+    files = socket.socket(fileno=int(argv[3]))
     keep_freed_memory()
-    SANDBOX = confine(argv[4] if len(argv) > 4 else None)
+    SANDBOX = confine(argv[4])
     # imported now, while the runner prepares its first request, instead of at the first open
     import fewshot_bench.methods.builtin  # noqa: F401
 
