@@ -96,7 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = ap.parse_args(argv)
-    own = json.loads(args.params)
+    cls = available_methods().get(args.method)
+    if cls is None and "--plugin" not in extra:
+        ap.error(
+            f"{args.method!r} is not a built-in method (pass its file after --: -- --plugin F)"
+        )
+    if cls is not None and cls.consumes != "features":
+        ap.error(f"{args.method!r} consumes {cls.consumes}; only feature methods can be perturbed")
+    try:
+        own = json.loads(args.params)
+    except json.JSONDecodeError as e:
+        ap.error(f"--params must be a JSON object, e.g. '{{\"k\": 20}}' ({e})")
+    if not isinstance(own, dict):
+        ap.error("--params must be a JSON object, e.g. '{\"k\": 20}'")
     base = json.dumps(own, sort_keys=True)
     settings = ",".join(f"{k}={json.dumps(v)}" for k, v in own.items())  # JSON values are TOML
     methods = [f"{args.method}:{settings}" if own else args.method]
@@ -110,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--seeds", *args.seeds]
     cmd += extra
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        print(f"fsbench run failed (exit {code}); the rows it stored stay in {args.workdir}")
+        return code
 
     acc: dict[tuple, dict[str, float]] = {}
     for protocol, method, params, seed, task, accuracy in _rows(

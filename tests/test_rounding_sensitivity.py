@@ -8,6 +8,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from fewshot_bench.run.fixtures import write_episodic_protocol
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "rounding_sensitivity.py"
@@ -45,3 +47,17 @@ def test_eps_zero_reproduces_the_method_and_noise_is_reported(shared_data, tmp_p
     assert sorted(by) == [("diffusion", 0.0), ("perturbed", 0.0), ("perturbed", 0.001)]
     assert all(len(v) == 4 for v in by.values())
     assert by[("diffusion", 0.0)] == by[("perturbed", 0.0)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "protonet"], "'protonet' consumes images; only feature methods can be perturbed"),
+        (["-m", "no-such-method"], "'no-such-method' is not a built-in method"),
+        (["--params", "[1]"], "--params must be a JSON object"),
+    ],
+)
+def test_bad_arguments_are_named(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _script().main(["omniglot-5w1s", *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
