@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from fewshot_bench.methods import Method, available_methods, register_method
 from fewshot_bench.methods.base import TaskContext
 from fewshot_bench.methods.params import Param
+from fewshot_bench.run.store import load_results
 from fewshot_bench.tasks.task import Task
 
 #: Fixed seed of the noise draw: the same task gets the same noise in every method and run.
@@ -74,13 +74,6 @@ class Perturbed(Method):
         if cls.setting == "transductive":
             return base.predict(t, ctx)
         return base.fit_task(t, ctx)(t.query)
-
-
-def _rows(store: Path) -> list[tuple]:
-    with sqlite3.connect(store) as con:
-        return con.execute(
-            "select protocol, method, params, seed, task_index, accuracy from results"
-        ).fetchall()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,21 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     acc: dict[tuple, dict[str, float]] = {}
-    for protocol, method, params, seed, task, accuracy in _rows(
-        Path(args.workdir) / "results.sqlite"
-    ):
-        p = json.loads(params)
-        if method == args.method and json.dumps(p, sort_keys=True) == base:
+    for row in load_results(Path(args.workdir) / "results.sqlite").itertuples():
+        p = json.loads(row.params)
+        if row.method == args.method and json.dumps(p, sort_keys=True) == base:
             column = "method"
-        elif (
-            method == "perturbed"
-            and p.get("base", "diffusion") == args.method  # stored params omit defaults
-            and json.dumps(json.loads(p.get("base_params", "{}")), sort_keys=True) == base
-        ):
-            column = f"eps={float(p.get('eps', 0.0)):g}"
+        elif row.method == "perturbed":
+            # stored params leave out the values equal to their defaults
+            p = {name: p.get(name, param.default) for name, param in Perturbed.schema.items()}
+            if (
+                p["base"] != args.method
+                or json.dumps(json.loads(p["base_params"]), sort_keys=True) != base
+            ):
+                continue
+            column = f"eps={float(p['eps']):g}"
         else:
             continue
-        acc.setdefault((protocol, seed, task), {})[column] = 100 * accuracy
+        acc.setdefault((row.protocol, row.seed, row.task_index), {})[column] = 100 * row.accuracy
     columns = ["method", "eps=0", *[f"eps={e:g}" for e in args.eps]]
     print(f"\n{'protocol':28s} {'seed':>4s} {'task':>4s} " + " ".join(f"{c:>10s}" for c in columns))
     for key in sorted(acc):
@@ -159,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c}: |accuracy change| mean {sum(d) / len(d):.2f}, median {d[len(d) // 2]:.2f}, "
                 f"max {d[-1]:.2f} points over {len(d)} tasks; > 0.5 points on {sum(x > 0.5 for x in d)}"
             )
-    return 0 if all(same) else 1
+    return 0 if same and all(same) else 1
 
 
 if __name__ == "__main__":
