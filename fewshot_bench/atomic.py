@@ -31,10 +31,10 @@ from pathlib import Path
 #: Seconds an unowned temporary file must stay unmodified before it counts as abandoned.
 DEFAULT_MAX_AGE = 600.0
 
-_OWNED = re.compile(
-    r"\.(?P<target>.+)\.w(?P<pid>\d+)-(?P<ns>\d+|x)@(?P<host>[A-Za-z0-9_-]+)"
-    r"\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)*"
-)
+#: an :func:`owner_tag`
+_TAG_PATTERN = r"w(?P<pid>\d+)-(?P<ns>\d+|x)@(?P<host>[A-Za-z0-9_-]+)"
+_TAG = re.compile(_TAG_PATTERN)
+_OWNED = re.compile(rf"\.(?P<target>.+)\.{_TAG_PATTERN}\.[a-z0-9_]{{8}}\.tmp(\.[A-Za-z0-9]+)*")
 _ANONYMOUS = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)*")
 
 
@@ -57,17 +57,21 @@ def owner_tag(pid: int | None = None) -> str:
     return f"w{os.getpid() if pid is None else pid}-{_NS}@{_HOST}"
 
 
-_TAG = re.compile(r"w(?P<pid>\d+)-(?P<ns>\d+|x)@(?P<host>[A-Za-z0-9_-]+)")
+def _local_owner_gone(tag: re.Match[str], since: float) -> bool | None:
+    """Whether the owner named by a matched tag is gone (``since``: when what it owns was last
+    modified; a later process with the same pid does not count as the owner); ``None`` when it
+    is not a process of this machine and PID namespace, which cannot be asked."""
+    if tag["host"] != _HOST or tag["ns"] != _NS:
+        return None
+    return not process_alive(int(tag["pid"]), since=since)
 
 
 def owner_gone(tag: str, since: float) -> bool:
     """Whether ``tag`` (an :func:`owner_tag`) names a process of this machine and PID namespace
-    that is gone; ``since``: when what it owns was last modified (a later process with the same
-    pid does not count as the owner). False for anything else: never call a stranger dead."""
+    that is gone (see :func:`_local_owner_gone`). False for anything else: never call a
+    stranger dead."""
     m = _TAG.fullmatch(tag)
-    if m is None or m["host"] != _HOST or m["ns"] != _NS:
-        return False
-    return not process_alive(int(m["pid"]), since=since)
+    return m is not None and _local_owner_gone(m, since) is True
 
 
 @contextmanager
@@ -186,9 +190,9 @@ def remove_stale_temps(
             mtime = entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        if owned is not None and owned["host"] == _HOST and owned["ns"] == _NS:
-            # the owner is a process of this machine and PID namespace: ask it
-            stale = not process_alive(int(owned["pid"]), since=mtime)
+        gone = None if owned is None else _local_owner_gone(owned, mtime)
+        if gone is not None:  # the owner is a process of this machine and PID namespace
+            stale = gone
         elif now - mtime >= max_age:
             if not checked_open:
                 open_files, checked_open = _open_files(), True
