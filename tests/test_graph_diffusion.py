@@ -158,3 +158,16 @@ def test_one_pass_selection_equals_separate_passes(norm: str) -> None:
     )
     assert best2 == best
     torch.testing.assert_close(got2, ref)
+
+
+@pytest.mark.parametrize("cols", [1, 12, 13, 40, 57])
+def test_chunked_sparse_product_has_the_bits_of_one_product(
+    digits: tuple[np.ndarray, np.ndarray], cols: int
+) -> None:
+    """The CPU products run in column chunks: every width gives exactly ``W @ L``."""
+    from fewshot_bench.graph.spmm import sparse_matmul
+
+    x, _ = digits
+    W = build_graph(x, k=10).transition()
+    L = torch.rand((W.shape[0], cols), generator=torch.Generator().manual_seed(cols))
+    assert torch.equal(sparse_matmul(W, L), W @ L)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fewshot_bench.graph.spmm import sparse_matmul
 from fewshot_bench.graph.threads import SMALL_PROBLEM_NODES, few_threads
 
 NORMS = ("col", "row", "sinkhorn", "none")
@@ -165,7 +166,7 @@ def diffuse(
             c1 = min(c0 + class_batch, n_classes)
             L = _one_hot(n, seeds, seed_labels, c0, c1, device)
             for t in range(n_iter):
-                L = W @ L
+                L = sparse_matmul(W, L)
                 normalize(
                     L,
                     norm,
@@ -284,7 +285,8 @@ def diffuse_select(
 
     The columns hold ``len(folds) + 1`` groups of ``C`` classes: group ``f`` diffuses from fold
     ``f``'s training seeds, the last group from all seeds; one sparse product per step serves
-    them all (a wider product costs far less than several narrow ones). After each step every
+    them all (one pass per step; on CPU the product runs in column chunks, see
+    :mod:`~fewshot_bench.graph.spmm`). After each step every
     fold's held-out accuracy is read off and the last group's ``rows`` are kept while the step is
     the best so far (same rule as :func:`select_n_iter`). Falls back to separate passes when
     the widened ``L`` would not fit ``budget_bytes``.
@@ -324,7 +326,7 @@ def diffuse_select(
     with few_threads(_small(W)):
         L = _one_hot(n, all_seeds, all_labels, 0, g * n_classes, device)
         for t in range(1, max_iter + 1):
-            L = W @ L
+            L = sparse_matmul(W, L)
             normalize(
                 L,
                 norm,

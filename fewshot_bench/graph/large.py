@@ -35,6 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from fewshot_bench.errors import InputDataError
+from fewshot_bench.graph.spmm import sparse_matmul
 
 METRICS = ("cosine", "l2")
 FEATURE_DTYPES = (np.float16, np.float32, np.float64)
@@ -299,8 +300,8 @@ class KnnOperator:
         return int(sum(a.numel() * a.element_size() for a in t))
 
     def __matmul__(self, L: torch.Tensor) -> torch.Tensor:
-        out = self.w0 @ L
-        out += self.w0t @ L
+        out = sparse_matmul(self.w0, L)
+        out += sparse_matmul(self.w0t, L)
         out *= self.inv_deg[:, None]
         return out
 
