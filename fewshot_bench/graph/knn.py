@@ -393,7 +393,7 @@ class KnnIndex:
                 yield m0, m1, s, min(s + step, q1)
 
     def _block_scores(self, xq_t: torch.Tensor, qs: torch.Tensor, m0: int, m1: int) -> torch.Tensor:
-        score = xq_t[qs] @ self._xb_sorted[m0:m1].T
+        score = xq_t.index_select(0, qs) @ self._xb_sorted[m0:m1].T
         if self._bnorm_sorted is not None:
             score.mul_(2).sub_(self._bnorm_sorted[m0:m1])
         return score
