@@ -171,3 +171,12 @@ def test_chunked_sparse_product_has_the_bits_of_one_product(
     W = build_graph(x, k=10).transition()
     L = torch.rand((W.shape[0], cols), generator=torch.Generator().manual_seed(cols))
     assert torch.equal(sparse_matmul(W, L), W @ L)
+
+
+def test_chunks_only_while_a_chunk_fits_in_cache() -> None:
+    from fewshot_bench.graph.spmm import SPMM_MAX_COLUMNS, chunk_width
+
+    assert chunk_width(1797, 40) == SPMM_MAX_COLUMNS
+    assert chunk_width(1797, SPMM_MAX_COLUMNS) == SPMM_MAX_COLUMNS  # narrow: one product
+    assert chunk_width(150_000, 40) == 10
+    assert chunk_width(1_000_000, 40) == 40  # every gather misses cache anyway: one product
