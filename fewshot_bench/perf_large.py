@@ -211,7 +211,7 @@ def _run_large(xp: str, seeds: np.ndarray, cfg: dict[str, Any]) -> dict[str, Any
     g = build_large_knn(xp, params, out_dir=cfg["graph_dir"], progress=cfg["progress"])
     c1, t1 = _cpu_s(), time.perf_counter()
     build_peak = _peak_mb()
-    op = knn_operator(np.asarray(g.indices))
+    op = knn_operator(np.asarray(g.indices), order=g.order)
     n_classes = int(y.max()) + 1
     pred, n_iter = diffuse_large(
         op,

@@ -104,11 +104,31 @@ def test_operator_equals_symmetric_transition(graph) -> None:
     assert torch.allclose(op @ L, ref @ L, atol=1e-6)
 
 
+def test_operator_in_list_order_has_the_same_bits(graph) -> None:
+    """Stored in the IVF lists' order, the operator still returns exactly ``W @ L``."""
+    assert graph.order is not None and np.array_equal(np.sort(graph.order), np.arange(N))
+    nb = np.array(graph.indices)
+    nb[5, 2] = -1  # a missing entry takes the general (ragged) path
+    L = torch.rand(N, 40, generator=torch.Generator().manual_seed(0))
+    plain = knn_operator(nb) @ L
+    assert torch.equal(knn_operator(nb, order=graph.order) @ L, plain)
+    rng = np.random.default_rng(0)
+    assert torch.equal(knn_operator(nb, order=rng.permutation(N)) @ L, plain)
+    with pytest.raises(InputDataError, match="each of the"):
+        knn_operator(nb, order=np.zeros(N, np.int64))
+    with pytest.raises(InputDataError, match="each of the"):
+        knn_operator(nb, order=np.arange(N - 1))
+
+
 def test_diffusion_is_well_above_chance(proxy, graph) -> None:
     _, y, _ = proxy
     seeds = pick_seeds(y, 10, np.random.default_rng(1))
     pred, n_iter = diffuse_large(
-        knn_operator(graph.indices), seeds, y[seeds].astype(np.int64), 10, seed=0
+        knn_operator(graph.indices, order=graph.order),
+        seeds,
+        y[seeds].astype(np.int64),
+        10,
+        seed=0,
     )
     mask = np.ones(N, bool)
     mask[seeds] = False
