@@ -180,3 +180,31 @@ def test_chunks_only_while_a_chunk_fits_in_cache() -> None:
     assert chunk_width(1797, SPMM_MAX_COLUMNS) == SPMM_MAX_COLUMNS  # narrow: one product
     assert chunk_width(150_000, 40) == 10
     assert chunk_width(1_000_000, 40) == 40  # every gather misses cache anyway: one product
+
+
+def test_reordered_matrix_has_the_bits_of_the_original(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Stored in the IVF lists' order, a transition matrix still returns exactly ``W @ L``."""
+    from fewshot_bench.errors import InputDataError
+    from fewshot_bench.graph.build import graph_from_neighbors
+    from fewshot_bench.graph.knn import KnnIndex
+    from fewshot_bench.graph.spmm import ReorderedCsr
+
+    x, y = digits
+    idx = KnnIndex(x, index="ivf", nprobe=4)
+    W = graph_from_neighbors(idx.search_self(10)).transition()
+    order = idx.list_order
+    assert order is not None and not np.array_equal(order, np.arange(len(x)))
+    L = torch.rand((len(x), 40), generator=torch.Generator().manual_seed(0))
+    R = ReorderedCsr(W, order)
+    assert torch.equal(R @ L, W @ L)
+    seeds = torch.arange(0, len(x), 20)
+    labels = torch.from_numpy(y[seeds.numpy()]).long()
+    folds = leave_some_out_folds(labels, 3, torch.Generator().manual_seed(0))
+    a = diffuse_select(W, seeds, labels, 10, folds)
+    b = diffuse_select(R, seeds, labels, 10, folds)  # type: ignore[arg-type]
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert KnnIndex(x, index="flat").list_order is None
+    with pytest.raises(InputDataError, match="each of the"):
+        ReorderedCsr(W, np.arange(len(x) - 1))

@@ -252,6 +252,12 @@ class KnnIndex:
             self._faiss_index = self._to_gpu(ivf)
             self._base_probes = None  # the faiss GPU index does its own probing
 
+    @property
+    def list_order(self) -> np.ndarray | None:
+        """Base ids grouped by IVF list (``None`` for Flat and HNSW): an order of the base points
+        in which neighbours sit close together."""
+        return getattr(self, "_order", None)
+
     def state(self) -> dict[str, np.ndarray]:
         """Arrays that rebuild this index without retraining (IVF: centroids + assignment)."""
         if self.kind != "ivf":

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from fewshot_bench.errors import InputDataError
-from fewshot_bench.graph.spmm import sparse_matmul
+from fewshot_bench.graph.spmm import check_order, renumbered_csr, sparse_matmul
 
 METRICS = ("cosine", "l2")
 FEATURE_DTYPES = (np.float16, np.float32, np.float64)
@@ -373,10 +373,8 @@ def knn_operator(
     parts = [(w0.indptr, w0.indices), (t.indptr, t.indices)]
     perm = None
     if order is not None:
-        perm = _check_order(order, n)
-        rank = np.empty(n, np.int64)
-        rank[perm] = np.arange(n)
-        parts = [_renumbered(ptr, ids, perm, rank) for ptr, ids in parts]
+        perm, rank = check_order(order, n)
+        parts = [renumbered_csr(ptr, ids, None, perm, rank)[:2] for ptr, ids in parts]
         inv = inv[perm]
     del w0, t
     with warnings.catch_warnings():
@@ -388,41 +386,6 @@ def knn_operator(
         torch.from_numpy(inv).to(device),
         None if perm is None else torch.from_numpy(perm).to(device),
     )
-
-
-def _check_order(order: np.ndarray, n: int) -> np.ndarray:
-    perm = np.asarray(order, dtype=np.int64)
-    if perm.shape != (n,) or (n and (perm.min() < 0 or perm.max() >= n)):
-        raise InputDataError(
-            f"order must hold each of the {n} node ids once, got shape {perm.shape}"
-        )
-    if n and not (np.bincount(perm, minlength=n) == 1).all():
-        raise InputDataError(f"order must hold each of the {n} node ids once; some repeat")
-    return perm
-
-
-def _renumbered(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    perm: np.ndarray,
-    rank: np.ndarray,
-    block: int = 1 << 18,
-) -> tuple[np.ndarray, np.ndarray]:
-    """CSR ``P M Pᵀ``: row ``r`` is old row ``perm[r]`` with ids mapped by ``rank``, entries in
-    their old order (which fixes the summation order of a product). Built ``block`` rows at a
-    time so the gather index stays small."""
-    lens = np.diff(indptr)[perm]
-    new_ptr = np.zeros(len(perm) + 1, dtype=indptr.dtype)
-    np.cumsum(lens, out=new_ptr[1:])
-    new_ids = np.empty_like(indices)
-    for r0 in range(0, len(perm), block):
-        r1 = min(r0 + block, len(perm))
-        ln = lens[r0:r1]
-        take = np.repeat(indptr[perm[r0:r1]] - new_ptr[r0:r1], ln) + np.arange(
-            new_ptr[r0], new_ptr[r1]
-        )
-        new_ids[new_ptr[r0] : new_ptr[r1]] = rank[indices[take]]
-    return new_ptr, new_ids
 
 
 def diffuse_large(
