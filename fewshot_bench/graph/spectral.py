@@ -47,6 +47,7 @@ import torch
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 from fewshot_bench.graph.build import Graph, to_torch_csr
+from fewshot_bench.graph.spmm import sparse_matmul
 from fewshot_bench.graph.threads import (
     SMALL_PROBLEM_NODES,
     few_threads,
@@ -100,9 +101,9 @@ TRIVIAL_SHIFT = 3.0
 #: Largest ``|<b, x_i>|`` (``b``: ``e_1`` or a locked eigenvector) tolerated in a Chebyshev
 #: block before it is re-projected.
 LEAK_TOL = 1e-5
-#: Columns per sparse product on CPU: a ``[n, 32]`` float32 block keeps the gathered rows in
-#: cache (measured at 50k nodes x 47 edges in locality order: 0.4 ms per column by 32-column
-#: blocks, 0.7-0.9 ms as one 240-column product).
+#: Columns per sparse product on CPU (:func:`~fewshot_bench.graph.spmm.sparse_matmul`): in
+#: locality order a ``[n, 32]`` float32 block keeps the gathered rows in cache (measured at 50k
+#: nodes x 47 edges: 0.4 ms per column by 32-column blocks, 0.7-0.9 ms as one 240-column product).
 SPMM_COLUMNS = 32
 
 
@@ -200,16 +201,6 @@ def locality_order(s: sp.csr_matrix) -> np.ndarray:
     return reverse_cuthill_mckee(s, symmetric_mode=True).astype(np.int64)
 
 
-def _spmm(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``s @ x``, on CPU by blocks of :data:`SPMM_COLUMNS` columns (the gathered rows fit in cache)."""
-    if s.device.type != "cpu" or x.shape[1] <= SPMM_COLUMNS:
-        return s @ x
-    out = torch.empty(s.shape[0], x.shape[1], dtype=x.dtype)
-    for i in range(0, x.shape[1], SPMM_COLUMNS):
-        torch.mm(s, x[:, i : i + SPMM_COLUMNS], out=out[:, i : i + SPMM_COLUMNS])
-    return out
-
-
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """Cholesky-QR twice (BLAS-3, stable enough after the first pass); QR if the Gram is singular."""
     for _ in range(2):
@@ -229,7 +220,7 @@ def _chebyshev_filter(
     Zhou & Saad 2007, which keeps the block's norm near 1)."""
 
     def op(z: torch.Tensor) -> torch.Tensor:  # P s P z, for z already in v0^⊥
-        w = _spmm(s, z)
+        w = sparse_matmul(s, z, SPMM_COLUMNS)
         return w.addr_(v0, v0 @ w, alpha=-1.0)
 
     e = (cut - lo) / 2
@@ -293,7 +284,7 @@ def _chebyshev_subspace(
         # P s P: residuals w.r.t. the deflated operator; against s itself they would include
         # the coupling r_lᵀ x to each locked pair's own residual r_l, which can exceed the
         # tolerance of the pairs left (measured: one pair stuck for 58 iterations at 70k nodes)
-        sx = proj(_spmm(s, x))
+        sx = proj(sparse_matmul(s, x, SPMM_COLUMNS))
         h = (x.T @ sx).double()
         h = (h + h.T) / 2
         mu64, rot = torch.linalg.eigh(h)

@@ -10,6 +10,8 @@ them: on random 30-per-row graphs, 300k nodes 516 ms whole against 570 ms in 10-
 chunks, 1M nodes 2.0 s against 3.0 s. So chunks are used only while ``N x 8`` floats fit in
 :data:`SPMM_CACHE_BYTES` (up to ~196k nodes). Each output column is its own sum over a row's
 entries in storage order, so a chunked product has the same bits as the single one (tested).
+A matrix stored in a locality order (:class:`ReorderedCsr`; the spectral solver's reverse
+Cuthill-McKee order) gathers from nearby memory at any size; such callers pass their own width.
 """
 
 from __future__ import annotations
@@ -43,21 +45,27 @@ def gathers_miss_cache(n_rows: int, itemsize: int = 4) -> bool:
     return n_rows * SPMM_MIN_COLUMNS * itemsize > SPMM_CACHE_BYTES
 
 
-def sparse_matmul(W: object, L: torch.Tensor) -> torch.Tensor:
-    """``W @ L``; for a CPU sparse CSR ``W`` and a wide dense ``L``, in chunks of :func:`chunk_width`.
+def sparse_matmul(W: object, L: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """``W @ L``; for a CPU sparse CSR ``W`` and a wide dense ``L``, in chunks of columns.
 
-    Any other ``W`` (CUDA, dense, an operator with its own ``@``) is left to its ``@``.
+    ``width``: columns per product; ``None`` takes :func:`chunk_width` (for a matrix in any node
+    order). A matrix stored in a locality order gathers from cache at any size, and its caller
+    passes its own width (spectral embedding: 32). Any other ``W`` (CUDA, dense, an operator
+    with its own ``@``) is left to its ``@``.
     """
     cols = L.shape[1] if L.dim() == 2 else 1
     cpu_csr = (
         isinstance(W, torch.Tensor) and W.layout == torch.sparse_csr and W.device.type == "cpu"
     )
-    width = chunk_width(L.shape[0], cols, L.element_size()) if cpu_csr else cols
+    if not cpu_csr:
+        return W @ L  # type: ignore[operator]
+    if width is None:
+        width = chunk_width(L.shape[0], cols, L.element_size())
     if width >= cols:
         return W @ L  # type: ignore[operator]
     out = torch.empty((W.shape[0], cols), dtype=torch.result_type(W, L), device=W.device)
     for c0, c1 in split_ranges(cols, math.ceil(cols / width)):
-        out[:, c0:c1] = W @ L[:, c0:c1].contiguous()
+        torch.mm(W, L[:, c0:c1], out=out[:, c0:c1])
     return out
 
 
