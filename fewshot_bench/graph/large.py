@@ -343,9 +343,10 @@ def knn_operator(
 
     ``order``: store the operator renumbered in this node order (e.g. :attr:`LargeKnn.order`),
     so that a product gathers rows of ``L`` from nearby memory: at 1M nodes of the
-    ``fsbench perf large`` proxy (k = 30, 40 columns) one product took 3.09 s in id order and
-    1.60 s in a neighbourhood order, the two gathers included. Every output element is summed
-    over the same entries in the same order as without it, so the result has the same bits.
+    ``fsbench perf large`` proxy (k = 30, 40 columns) one product took 3.09 s in id order,
+    1.60 s in reverse Cuthill-McKee order and 1.76 s in 250-node blocks of it shuffled (as IVF
+    lists are), the two gathers included. Every output element is summed over the same entries
+    in the same order as without it, so the result has the same bits.
     """
     import warnings
 
