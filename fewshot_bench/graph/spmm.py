@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fewshot_bench.errors import InputDataError
+from fewshot_bench.graph.build import to_torch_csr
 from fewshot_bench.graph.threads import split_ranges
 
 #: Widest dense chunk one CPU sparse product takes.
@@ -32,17 +33,18 @@ SPMM_MIN_COLUMNS = 8
 SPMM_CACHE_BYTES = 6 << 20
 
 
-def chunk_width(n_rows: int, cols: int, itemsize: int = 4) -> int:
-    """Columns per CPU sparse product for a dense ``[n_rows, cols]`` block (``cols``: no chunks)."""
-    fits = SPMM_CACHE_BYTES // max(n_rows * itemsize, 1)
-    width = min(SPMM_MAX_COLUMNS, fits)
-    return width if SPMM_MIN_COLUMNS <= width < cols else cols
-
-
 def gathers_miss_cache(n_rows: int, itemsize: int = 4) -> bool:
     """Whether even the narrowest chunk of ``n_rows`` rows spills out of cache: then a locality
     order of the nodes (:class:`ReorderedCsr`) pays for itself, and chunks do not."""
     return n_rows * SPMM_MIN_COLUMNS * itemsize > SPMM_CACHE_BYTES
+
+
+def chunk_width(n_rows: int, cols: int, itemsize: int = 4) -> int:
+    """Columns per CPU sparse product for a dense ``[n_rows, cols]`` block (``cols``: no chunks)."""
+    if gathers_miss_cache(n_rows, itemsize):
+        return cols
+    width = min(SPMM_MAX_COLUMNS, SPMM_CACHE_BYTES // max(n_rows * itemsize, 1))
+    return min(width, cols)
 
 
 def sparse_matmul(W: object, L: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -118,8 +120,6 @@ class ReorderedCsr:
     """
 
     def __init__(self, W: torch.Tensor, order: np.ndarray) -> None:
-        from fewshot_bench.graph.build import to_torch_csr
-
         n = W.shape[0]
         perm, rank = check_order(order, n)
         ptr, ids, data = renumbered_csr(
