@@ -10,7 +10,10 @@ from fewshot_bench.errors import InputDataError
 from fewshot_bench.graph.build import graph_from_neighbors
 from fewshot_bench.graph.knn import Neighbors, knn_search
 from fewshot_bench.graph.large import (
+    RERANK_QUERIES,
     LargeKnnParams,
+    _exact_scores,
+    _exact_scores_block,
     build_large_knn,
     diffuse_large,
     exact_knn_sample,
@@ -67,6 +70,20 @@ def test_streaming_graph_matches_exact_search(proxy, graph) -> None:
     assert recall_at_k(graph.indices, exact) >= 0.9
     sims = graph.sims.astype(np.float32)
     assert (np.diff(sims, axis=1) <= 1e-3).all()  # best first
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_rerank_in_query_blocks_has_the_same_bits(proxy, metric) -> None:
+    x, _, _ = proxy
+    rng = np.random.default_rng(0)
+    nq = 2 * RERANK_QUERIES + 37  # a partial last block
+    xb = np.asarray(x[:nq], dtype=np.float32)
+    cand = rng.integers(0, N, (nq, 22))
+    cand[rng.random(cand.shape) < 0.05] = -1  # PQ search pads with -1
+    sqnorm = (np.asarray(x, dtype=np.float32) ** 2).sum(1)
+    blocked = _exact_scores(x, xb, cand, sqnorm, metric)
+    assert np.array_equal(blocked, _exact_scores_block(x, xb, cand, sqnorm, metric))
+    assert np.isneginf(blocked[cand < 0]).all() and np.isfinite(blocked[cand >= 0]).all()
 
 
 def test_exact_sample_agrees_with_flat(proxy) -> None:

@@ -39,6 +39,10 @@ from fewshot_bench.graph.spmm import check_order, renumbered_csr, sparse_matmul
 
 METRICS = ("cosine", "l2")
 FEATURE_DTYPES = (np.float16, np.float32, np.float64)
+#: Queries re-scored at a time: their candidates' float32 copy (256 x 62 x 64 floats, 4 MiB)
+#: stays in cache between the gather and the product. A whole 4096-query block at once wrote
+#: and re-read 65 MB: 0.34 s against 0.17 s per 20k queries of the 1M proxy, the same bits.
+RERANK_QUERIES = 256
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,16 @@ def _exact_scores(
 
     ``sqnorm``: squared norms of the raw rows of ``x``; ``-inf`` where a candidate is ``-1``.
     """
+    out = np.empty(cand.shape, np.float32)
+    for s in range(0, cand.shape[0], RERANK_QUERIES):
+        e = s + RERANK_QUERIES
+        out[s:e] = _exact_scores_block(x, xb[s:e], cand[s:e], sqnorm, metric)
+    return out
+
+
+def _exact_scores_block(
+    x: np.ndarray, xb: np.ndarray, cand: np.ndarray, sqnorm: np.ndarray, metric: str
+) -> np.ndarray:
     valid = cand >= 0
     flat = np.where(valid, cand, 0).ravel()
     c = torch.from_numpy(np.take(x, flat, axis=0)).to(torch.float32)
