@@ -64,7 +64,7 @@ def _add_method_args(p: argparse.ArgumentParser, method_help: str) -> None:
 
 
 def _add_executor(p: argparse.ArgumentParser, default: str | None = "serial") -> None:
-    from fewshot_bench.run.executor import EXECUTORS
+    from fewshot_bench.choices import EXECUTORS
 
     p.add_argument(
         "--executor",
@@ -663,6 +663,8 @@ def _cannot_write(flag: str, exc: OSError) -> FsbenchError:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fewshot_bench.data.download import RESOURCES
+
     parser = argparse.ArgumentParser(
         prog="fsbench",
         description="Episodic few-shot and semi-supervised benchmarks with honest confidence intervals.",
@@ -672,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datasets", help="list dataset loaders and their splits")
     p.set_defaults(func=cmd_datasets)
 
-    downloadable = ", ".join(_downloadable())
+    downloadable = ", ".join(sorted(RESOURCES))  # the registry's would import every loader
     p = sub.add_parser(
         "download",
         help=f"fetch and checksum-verify datasets into the data root ({downloadable})",

@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from fewshot_bench.backbones.nets import ARCHS
-from fewshot_bench.backbones.objectives import OBJECTIVES
+from fewshot_bench.choices import ARCHS, OBJECTIVES
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fewshot_bench.choices import ARCHS
 from fewshot_bench.errors import ProtocolError
 
-ARCHS = ("conv4", "resnet12", "wrn-28-2", "wrn-28-10")
 _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-OBJECTIVES = ("ce", "nca", "instance")
+from fewshot_bench.choices import OBJECTIVES
 
 
 class Objective(nn.Module):

@@ -32,11 +32,11 @@ from fewshot_bench.backbones.checkpoint import load_checkpoint, save_checkpoint
 from fewshot_bench.backbones.embedders import Embedder
 from fewshot_bench.backbones.nets import build_backbone, to_unit_range
 from fewshot_bench.backbones.objectives import (
-    OBJECTIVES,
     Objective,
     build_objective,
     weighted_knn_predict,
 )
+from fewshot_bench.choices import OBJECTIVES
 from fewshot_bench.data.base import LabeledData
 from fewshot_bench.errors import FsbenchError, InputDataError, ProtocolError
 from fewshot_bench.runtime import autocast, resolve_device

@@ -8,24 +8,37 @@ sub-folder per dataset; decoded images are cached under ``cache_root()/decoded``
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fewshot_bench.data import (  # noqa: F401 (register)
-    cifar,
-    folder,
-    imagenet,
-    miniimagenet,
-    mnist,
-    omniglot,
-)
-from fewshot_bench.data.base import LabeledData, cache_root, data_root
 from fewshot_bench.data.download import download_and_verify, verify_file
-from fewshot_bench.data.registry import DatasetInfo, all_infos, check_split, get_info
+from fewshot_bench.data.registry import (
+    BUILTIN_MODULES,
+    DatasetInfo,
+    all_infos,
+    check_split,
+    get_info,
+)
 from fewshot_bench.errors import DataNotFoundError, ProtocolError
 
+if TYPE_CHECKING:
+    from fewshot_bench.data.base import LabeledData, cache_root, data_root
+
 _COMMON = ("root", "split", "image_size")
+#: Names of :mod:`fewshot_bench.data.base` (which imports torch) read on first access, so that
+#: importing the package, its registry or its download table stays cheap.
+_FROM_BASE = ("LabeledData", "cache_root", "data_root")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("fewshot_bench.data.base"), name)
+    if name in BUILTIN_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def available_datasets() -> dict[str, DatasetInfo]:
@@ -69,6 +82,8 @@ def load_dataset(
             f"{info.name}: image_size must be a positive integer, got {image_size!r}"
         )
     _check_options(info, options)
+    from fewshot_bench.data.base import data_root
+
     base = data_root(root)
     try:
         return info.loader(base, split, image_size, **options)
@@ -88,6 +103,8 @@ def download_dataset(
         raise ProtocolError(f"{info.name} has nothing to download: {info.how_to_get}")
     if split is not None:
         check_split(info, split)
+    from fewshot_bench.data.base import data_root
+
     base = data_root(root)
     info.downloader(base, split or "all")
     return base

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,24 @@ class DatasetInfo:
 _REGISTRY: dict[str, DatasetInfo] = {}
 _ALIASES: dict[str, str] = {}
 
+#: Modules of the built-in datasets (each registers its own when imported). They are imported
+#: on the table's first use, not with the package: their loaders need torch, which a command
+#: line that only builds its parser (``fsbench --help``) should not wait seconds for.
+BUILTIN_MODULES = ("cifar", "folder", "imagenet", "miniimagenet", "mnist", "omniglot")
+_builtins = {"loaded": False}
+
+
+def _load_builtins() -> None:
+    if _builtins["loaded"]:
+        return
+    # what was registered before the built-ins loaded keeps its name, as if registered after
+    earlier, earlier_aliases = dict(_REGISTRY), dict(_ALIASES)
+    for module in BUILTIN_MODULES:
+        importlib.import_module(f"fewshot_bench.data.{module}")
+    _REGISTRY.update(earlier)
+    _ALIASES.update(earlier_aliases)
+    _builtins["loaded"] = True
+
 
 def register(info: DatasetInfo) -> DatasetInfo:
     """Add a dataset to the table (later registrations of the same name replace earlier ones)."""
@@ -57,6 +76,7 @@ def _norm(name: str) -> str:
 
 def get_info(name: str) -> DatasetInfo:
     """The dataset called ``name`` (case-insensitive; ``_`` and ``-`` alike; aliases accepted)."""
+    _load_builtins()
     key = _norm(name)
     if key in _ALIASES:
         return _REGISTRY[_ALIASES[key]]
@@ -76,4 +96,6 @@ def check_split(info: DatasetInfo, split: str) -> str:
 
 
 def all_infos() -> dict[str, DatasetInfo]:
+    """Every registered dataset by name, built-in ones included."""
+    _load_builtins()
     return dict(sorted(_REGISTRY.items()))

@@ -7,7 +7,7 @@ eq. 8 confidence ``softmax(z / confidence_temperature)``.
 
 from __future__ import annotations
 
-from fewshot_bench.backbones.nets import ARCHS
+from fewshot_bench.choices import ARCHS
 from fewshot_bench.graph.diffusion import NORMS
 from fewshot_bench.graph.knn import INDEXES, METRICS
 from fewshot_bench.graph.spectral import SOLVERS

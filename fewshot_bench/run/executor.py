@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewshot_bench.choices import EXECUTORS
 from fewshot_bench.errors import FsbenchError
 from fewshot_bench.run.assemble import queries_at_once
 from fewshot_bench.run.heap import worker_env
@@ -66,7 +67,6 @@ __all__ = [
 ]
 
 #: The ``--executor`` choices.
-EXECUTORS = ("serial", "processes", "ray")
 
 
 class MethodError(FsbenchError):

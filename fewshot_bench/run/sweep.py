@@ -50,8 +50,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fewshot_bench.atomic import write_text_atomic
+from fewshot_bench.choices import EXECUTORS
 from fewshot_bench.errors import FsbenchError
-from fewshot_bench.run.executor import EXECUTORS, MethodSpec
+from fewshot_bench.run.executor import MethodSpec
 from fewshot_bench.run.ray_executor import Resources, parse_memory
 from fewshot_bench.run.store import ENTRY_KEY
 
