@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,19 +48,16 @@ _ALIASES: dict[str, str] = {}
 #: on the table's first use, not with the package: their loaders need torch, which a command
 #: line that only builds its parser (``fsbench --help``) should not wait seconds for.
 BUILTIN_MODULES = ("cifar", "folder", "imagenet", "miniimagenet", "mnist", "omniglot")
-_builtins = {"loaded": False}
 
 
+@functools.cache
 def _load_builtins() -> None:
-    if _builtins["loaded"]:
-        return
     # what was registered before the built-ins loaded keeps its name, as if registered after
     earlier, earlier_aliases = dict(_REGISTRY), dict(_ALIASES)
     for module in BUILTIN_MODULES:
         importlib.import_module(f"fewshot_bench.data.{module}")
     _REGISTRY.update(earlier)
     _ALIASES.update(earlier_aliases)
-    _builtins["loaded"] = True
 
 
 def register(info: DatasetInfo) -> DatasetInfo:

@@ -66,8 +66,6 @@ __all__ = [
     "shared_executor",
 ]
 
-#: The ``--executor`` choices.
-
 
 class MethodError(FsbenchError):
     """A method failed inside the worker (bad parameters, or a bug with its traceback)."""
